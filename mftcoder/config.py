@@ -1,0 +1,378 @@
+"""The one config schema: every field, its help text, the reference's names, and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key."""
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, section: str = "train") -> Any:
+    """A config field with help text (and optional allowed values) stored as metadata."""
+    meta = {"help": help, "choices": choices, "section": section}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    """Everything a run needs. Names follow the reference (MFTCoder, Atorch edition) where it has one."""
+
+    # --- data -------------------------------------------------------------------------------
+    data_paths: list[str] = opt([], "Task folders; each folder's basename is the task name. Also '[a,b]'.", section="data")
+    tasks: dict[str, str] = opt({}, "Explicit task map {name: folder}, instead of or besides data_paths.", section="data")
+    data_split: str = opt("95,5,0", "Per-task train,valid,test proportions (normalized), e.g. '95,5,0'.", section="data")
+    shuffle_before_split: bool = opt(True, "Shuffle each task (from seed) before splitting; else split in file order.", section="data")
+    data_weights: list[float] | dict[str, float] = opt([], "Per-task sampling weights per epoch (1 = each sample once, 2 = twice, 0.5 = a random half). List in task order or {task: w}.", section="data")
+    on_bad_record: str = opt("error", "Bad JSONL records: 'error' reports all and stops; 'skip' skips and counts them.", ("error", "skip"), section="data")
+    over_length: str = opt("truncate", "Samples longer than seq_length: 'truncate' them or 'drop' them (counted either way).", ("truncate", "drop"), section="data")
+    seq_length: int = opt(2048, "Maximum tokens per sample (the model's input length).", section="data")
+    chat_template: str = opt("mftcoder", "Template preset: 'mftcoder' (the reference's <|role_start|>role<|role_end|>), 'codefuse' (<s>human\\n), 'chatml'.", section="data")
+    chat_markers: dict[str, str] = opt({}, "Override template markers: keys system, human, bot (turn prefixes), system_end, human_end, bot_end (text after the bot's EOS).", section="data")
+    tokenizer_path: str | None = opt(None, "Tokenizer directory (default: pretrained_model_path, else the shipped GPT-NeoX-20B tokenizer). Alias: vocab_file.", section="data")
+    data_cache_dir: str | None = opt(None, "Where tokenized data is cached (default $MFTCODER_CACHE or ~/.cache/mftcoder).", section="data")
+    overwrite_cache: bool = opt(False, "Tokenize again even when a matching cache exists.", section="data")
+    preprocessing_num_workers: int | None = opt(None, "Processes for tokenization (default: CPU count, used only for large data).", section="data")
+    load_raw_dataset: bool = opt(True, "Reference placeholder: raw JSONL is the only input; must be true.", section="data")
+    tokenize_mode: str = opt("sft", "Reference placeholder: only 'sft' (chat samples with a bot-turn loss mask).", ("sft",), section="data")
+
+    # --- model ------------------------------------------------------------------------------
+    pretrained_model_path: str | None = opt(None, "Local Hugging Face model directory to fine-tune.", section="model")
+    model_config: str | None = opt(None, "Build a random-initialised model instead: a shipped config name ('tiny-test', 'tiny-demo') or a config.json path.", section="model")
+    model_type: str = opt("auto", "Model family for per-family defaults ('auto' reads it from the model config; the reference's value is 'gpt_neox').", section="model")
+    trust_remote_code: bool = opt(False, "Allow model code from the model directory to run. Off unless you ask.", section="model")
+    peft_type: str | None = opt(None, "Parameter-efficient method: null (full fine-tuning) or 'lora'.", (None, "lora"), section="model")
+    lora_rank: int = opt(8, "LoRA rank r.", section="model")
+    lora_alpha: float = opt(16.0, "LoRA scaling alpha.", section="model")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", section="model")
+    target_modules: list[str] = opt([], "Modules LoRA wraps (default: the family's table, else 'all-linear').", section="model")
+    checkpoint_activations: bool = opt(False, "Gradient checkpointing: recompute activations in backward to save memory.", section="model")
+    bf16: bool | None = opt(None, "bf16 autocast: null = on when a GPU supports it, off on CPU.", section="model")
+    fp16: bool = opt(False, "fp16 is not supported (use bf16); only false is accepted.", section="model")
+    tp: int = opt(1, "Tensor-parallel size; only 1 is supported (as in the reference).", section="model")
+
+    # --- optimisation -------------------------------------------------------------------------
+    num_train_epochs: int = opt(1, "Epochs over the training split.")
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run all epochs).")
+    per_device_train_batch_size: int = opt(8, "Samples per micro-batch on each process.")
+    total_train_batch_size: int | None = opt(None, "Samples per micro-batch over all processes (reference); sets per_device_train_batch_size = total / world size.")
+    per_device_valid_batch_size: int = opt(8, "Samples per evaluation batch on each process.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    learning_rate: float = opt(1e-5, "Peak learning rate (1e-5 full fine-tuning, 1e-4..2e-4 LoRA).")
+    min_lr: float = opt(0.0, "Floor of the cosine schedule (usually learning_rate / 10).")
+    weight_decay: float = opt(0.0, "AdamW weight decay (never applied to biases and norms).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    lr_scheduler_type: str = opt("cosine", "Schedule after warmup: cosine (to min_lr), linear (to 0), constant. Alias: custom_lr_scheduler_type.", ("cosine", "linear", "constant", "constant_with_warmup"))
+    num_warmup_steps: int = opt(0, "Linear warmup steps.")
+    max_grad_norm: float | None = opt(1.0, "Clip gradients to this global norm (null or 0: no clipping).")
+    weighted_loss_mode: str = opt("case3", "Multi-task loss: case1 token mean, case2 sample mean, case3 per-task token mean, case4 per-task sample mean.", ("case1", "case2", "case3", "case4"))
+    task_weights: list[float] | dict[str, float] = opt([], "Per-task loss weights for case3/case4 (list in task order or {task: w}).")
+    max_nonfinite_steps: int = opt(3, "Stop with an error after this many NaN/inf losses in a row (each skips its update).")
+    padding_mode: str = opt("dynamic", "Batch shape: 'dynamic' pads to the longest sample in the batch; 'padding' pads to seq_length (the reference).", ("dynamic", "padding"))
+    num_workers: int = opt(0, "DataLoader worker processes.")
+    seed: int = opt(42, "Seed for splits, sampling order, initialisation and dropout.")
+    train_mode: str = opt("sft", "Reference placeholder: only 'sft'.", ("sft",))
+    train_iters: int | None = opt(None, "Reference placeholder: accepted and ignored (it never set the number of steps there either).")
+
+    # --- evaluation, checkpoints, logs ----------------------------------------------------------
+    evaluation_strategy: str = opt("steps", "When to evaluate: 'steps', 'epoch', 'steps,epoch' or 'no'.", ("steps", "epoch", "steps,epoch", "no"), section="eval")
+    evaluation_steps: int = opt(100, "Optimizer steps between evaluations. Aliases: evalation_steps, valid_interval.", section="eval")
+    valid_iters: int | None = opt(None, "Cap on evaluation batches per evaluation (null: the whole validation split).", section="eval")
+    metric_for_best_model: str = opt("loss", "Validation metric that ranks checkpoints: 'loss' or 'loss/<task>'.", section="eval")
+    greater_is_better: bool = opt(False, "Whether a larger metric is better.", section="eval")
+    early_stopping_patience: int = opt(-1, "Stop after this many evaluations without improvement (-1: never).", section="eval")
+    output_dir: str | None = opt(None, "Checkpoints, metrics and logs go here.", section="eval")
+    tensorboard_dir: str | None = opt(None, "TensorBoard event files (default output_dir/runs).", section="eval")
+    save_strategy: str = opt("steps", "When to save: 'steps' (every checkpointing_steps), 'epoch', 'steps,epoch'.", ("steps", "epoch", "steps,epoch"), section="eval")
+    checkpointing_steps: int = opt(500, "Optimizer steps between checkpoints.", section="eval")
+    extra_save_by_epoch: bool = opt(False, "Also save checkpoint-epoch-{k} at each epoch end (always kept).", section="eval")
+    save_total_limit: int | None = opt(None, "Keep at most this many step checkpoints: the best and the newest first.", section="eval")
+    resume_from_checkpoint: str | None = opt(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint path.", section="eval")
+    log_interval: int = opt(10, "Optimizer steps between log lines.", section="eval")
+
+
+ALIASES = {
+    "evalation_steps": "evaluation_steps",
+    "valid_interval": "evaluation_steps",
+    "custom_lr_scheduler_type": "lr_scheduler_type",
+    "vocab_file": "tokenizer_path",
+    "gradient_checkpointing": "checkpoint_activations",
+    "max_train_steps": "max_steps",
+}
+_NULL_STRINGS = {"", "none", "null", "false"}
+PLACEHOLDER_NOTICES = {
+    "train_iters": "train_iters is a placeholder (as in the reference): it does not set the number of steps; use max_steps.",
+    "load_raw_dataset": "load_raw_dataset: raw JSONL is the only input format, as the reference requires.",
+    "tokenize_mode": "tokenize_mode: 'sft' is the only mode (chat samples, loss on bot turns).",
+    "train_mode": "train_mode: 'sft' is the only mode.",
+}
+
+
+def fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _closest(name: str) -> str:
+    candidates = list(fields()) + list(ALIASES)
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _parse_list_string(text: str) -> list[str]:
+    """'[a, b]', 'a,b' or '["a","b"]' -> ['a', 'b'] (the reference passes data_paths as a string)."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            parsed = json.loads(text)
+            if isinstance(parsed, list):
+                return [str(x) for x in parsed]
+        except json.JSONDecodeError:
+            pass
+        text = text[1:-1]
+    return [part.strip().strip("'\"") for part in text.split(",") if part.strip()]
+
+
+def _means_null(value: Any, options: list[Any]) -> bool:
+    """The reference's launchers pass 'false' or 'none' for unset paths; bool fields keep 'false'."""
+    return isinstance(value, str) and value.strip().lower() in _NULL_STRINGS and bool not in options
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = [o for o in typing.get_args(tp) if o is not type(None)]
+        nullable = len(options) < len(typing.get_args(tp))
+        if nullable and (value is None or _means_null(value, options)):
+            return None
+        errors = []
+        for option in options:
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.strip().lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = _parse_list_string(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin is dict:
+        _, value_type = typing.get_args(tp)
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{key}: not a valid mapping: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, value_type) for k, v in value.items()}
+    raise TypeError(f"unsupported field type {tp!r}")  # a bug in the schema, not user input
+
+
+def _canonical_key(key: str) -> str:
+    key = key.strip().lstrip("-").replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key not in fields():
+        raise ConfigError(f"unknown config key '{key}'{_closest(key)}")
+    return key
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a plain mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['lr=1e-4', 'data_paths=[a,b]'] -> mapping; values are read as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def build_config(values: dict[str, Any]) -> tuple[Config, list[str]]:
+    """Validate a mapping into a Config; returns it with the notices to show the user."""
+    hints = typing.get_type_hints(Config)
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = _canonical_key(str(raw_key))
+        kwargs[key] = _coerce(key, value, hints[key])
+    config = Config(**kwargs)
+    notices = validate(config, given=set(kwargs))
+    return config, notices
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[Config, list[str]]:
+    """Read a config file plus key=value overrides; relative paths in the file resolve against its folder."""
+    file_values = {_canonical_key(str(k)): v for k, v in read_config_file(path).items()} if path else {}
+    cli_values = {_canonical_key(k): v for k, v in parse_overrides(overrides or []).items()}
+    config, notices = build_config({**file_values, **cli_values})
+    if path:
+        _resolve_paths(config, Path(path).resolve().parent, keys=set(file_values) - set(cli_values))
+    return config, notices
+
+
+_PATH_KEYS = ("output_dir", "tensorboard_dir", "pretrained_model_path", "tokenizer_path", "data_cache_dir")
+
+
+def _resolve_paths(config: Config, base_dir: Path, keys: set[str]) -> None:
+    """Resolve the relative paths among `keys` against base_dir (the config file's folder)."""
+
+    def resolve(p: str) -> str:
+        return p if Path(p).is_absolute() else str((base_dir / p).resolve())
+
+    if "data_paths" in keys:
+        config.data_paths = [resolve(p) for p in config.data_paths]
+    if "tasks" in keys:
+        config.tasks = {k: resolve(v) for k, v in config.tasks.items()}
+    for key in _PATH_KEYS:
+        if key in keys and getattr(config, key) is not None:
+            setattr(config, key, resolve(getattr(config, key)))
+    if "model_config" in keys and config.model_config and config.model_config.endswith(".json"):
+        config.model_config = resolve(config.model_config)
+
+
+def split_fractions(text: str) -> tuple[float, float, float]:
+    """'95,5,0' -> (0.95, 0.05, 0.0); also accepts '0.9,0.1' and '/' separators."""
+    parts = [p for p in text.replace("/", ",").split(",") if p.strip()]
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"data_split: expected numbers like '95,5,0', got {text!r}") from None
+    if not 1 <= len(numbers) <= 3 or any(n < 0 for n in numbers) or sum(numbers) <= 0:
+        raise ConfigError(f"data_split: expected up to three non-negative numbers with a positive sum, got {text!r}")
+    numbers += [0.0] * (3 - len(numbers))
+    total = sum(numbers)
+    return (numbers[0] / total, numbers[1] / total, numbers[2] / total)
+
+
+def validate(config: Config, given: set[str]) -> list[str]:
+    """Check values and combinations; return notices for placeholder arguments that were given."""
+    for name, f in fields().items():
+        choices = f.metadata.get("choices")
+        value = getattr(config, name)
+        if choices and value not in choices:
+            match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean '{match[0]}'?" if match else ""
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+    positive = ("seq_length", "per_device_train_batch_size", "per_device_valid_batch_size", "gradient_accumulation_steps",
+                "evaluation_steps", "checkpointing_steps", "log_interval", "num_train_epochs", "lora_rank")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name}: must be positive, got {getattr(config, name)}")
+    for name in ("num_warmup_steps", "weight_decay", "min_lr", "max_nonfinite_steps", "num_workers"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name}: must not be negative, got {getattr(config, name)}")
+    if config.learning_rate <= 0:
+        raise ConfigError(f"learning_rate: must be positive, got {config.learning_rate}")
+    if config.min_lr > config.learning_rate:
+        raise ConfigError(f"min_lr ({config.min_lr}) is above learning_rate ({config.learning_rate})")
+    if not 0 <= config.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout: must be in [0, 1), got {config.lora_dropout}")
+    if config.save_total_limit is not None and config.save_total_limit < 1:
+        raise ConfigError("save_total_limit: must be at least 1 (or null for no limit)")
+    if config.valid_iters is not None and config.valid_iters < 1:
+        raise ConfigError("valid_iters: must be at least 1 (or null for the whole validation split)")
+    split_fractions(config.data_split)
+    if not config.load_raw_dataset:
+        raise ConfigError("load_raw_dataset: only raw JSONL input is supported; set it to true (or leave it out)")
+    if config.fp16:
+        raise ConfigError("fp16: not supported (fp16 training needs loss scaling); use bf16: true on a GPU")
+    if config.tp != 1:
+        raise ConfigError(f"tp: tensor parallelism is not supported (as in the reference, only tp=1), got {config.tp}")
+    if config.metric_for_best_model != "loss" and not config.metric_for_best_model.startswith("loss/"):
+        raise ConfigError(f"metric_for_best_model: expected 'loss' or 'loss/<task>', got {config.metric_for_best_model!r}")
+    if config.pretrained_model_path and config.model_config:
+        raise ConfigError("give either pretrained_model_path (fine-tune a model) or model_config (random init), not both")
+    for name, weights in (("data_weights", config.data_weights), ("task_weights", config.task_weights)):
+        values = weights.values() if isinstance(weights, dict) else weights
+        if any(w < 0 for w in values):
+            raise ConfigError(f"{name}: weights must not be negative")
+    return [PLACEHOLDER_NOTICES[k] for k in sorted(given) if k in PLACEHOLDER_NOTICES]
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def describe(config: Config) -> str:
+    """The resolved config as YAML, grouped by section, with each field's help as a comment."""
+    lines: list[str] = []
+    section = None
+    for name, f in fields().items():
+        if f.metadata["section"] != section:
+            section = f.metadata["section"]
+            lines.append(f"\n# --- {section} ---")
+        rendered = yaml.safe_dump({name: getattr(config, name)}, default_flow_style=True, width=10_000).strip()
+        if rendered.startswith("{") and rendered.endswith("}"):
+            rendered = rendered[1:-1]
+        lines.append(f"{rendered:<60} # {f.metadata['help']}")
+    return "\n".join(lines).lstrip() + "\n"

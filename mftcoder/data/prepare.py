@@ -1,0 +1,130 @@
+"""From task folders to the samples a run uses: length policy, per-task splits, counts for every skip."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mftcoder.config import Config, split_fractions
+from mftcoder.data.records import DataError
+from mftcoder.data.tasks import Task, discover_tasks, split_indices
+from mftcoder.data.template import ChatTemplate
+from mftcoder.data.tokenize import TokenizedTask, load_tokenized
+
+
+@dataclass
+class TaskSamples:
+    """One task after the length policy and the split; indices point into `data`'s records."""
+
+    data: TokenizedTask
+    seq_length: int
+    lengths: np.ndarray  # per record, after truncation
+    targets: np.ndarray  # supervised tokens per record, after truncation
+    kept: np.ndarray  # bool per record
+    truncated: int
+    dropped_over_length: int
+    dropped_no_target: int
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+
+    @property
+    def task(self) -> Task:
+        return self.data.task
+
+    def sample(self, record: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids, loss mask) of one record, truncated to seq_length."""
+        return self.data.sample(record, self.seq_length)
+
+
+@dataclass
+class PreparedData:
+    tasks: list[Task]
+    per_task: list[TaskSamples]
+
+    @property
+    def errors(self) -> list[str]:
+        return [e for t in self.per_task for e in t.data.errors]
+
+
+def apply_length_policy(data: TokenizedTask, seq_length: int, over_length: str) -> dict:
+    """Which records survive seq_length under `over_length`, their lengths and supervised-token counts."""
+    n = len(data)
+    full_lengths = data.lengths
+    targets = np.add.reduceat(np.asarray(data.mask), data.starts[:-1], dtype=np.int64) if n else np.zeros(0, np.int64)
+    over = full_lengths > seq_length
+    kept = np.ones(n, dtype=bool)
+    dropped_no_target = 0
+    if over_length == "drop":
+        kept &= ~over
+    else:
+        for i in np.flatnonzero(over):
+            _, mask = data.sample(int(i), seq_length)
+            targets[i] = int(mask[1:].sum())  # position 0 has no context to predict it from
+            if targets[i] == 0:
+                kept[i] = False
+                dropped_no_target += 1
+    return {
+        "lengths": np.minimum(full_lengths, seq_length),
+        "targets": targets,
+        "kept": kept,
+        "truncated": int(over.sum()) - dropped_no_target if over_length == "truncate" else 0,
+        "dropped_over_length": int(over.sum()) if over_length == "drop" else 0,
+        "dropped_no_target": dropped_no_target,
+    }
+
+
+def prepare_task(data: TokenizedTask, config: Config) -> TaskSamples:
+    policy = apply_length_policy(data, config.seq_length, config.over_length)
+    train, valid, test = split_indices(len(data), split_fractions(config.data_split), config.seed, data.task.name,
+                                       config.shuffle_before_split)
+    kept = policy["kept"]
+    return TaskSamples(data, config.seq_length, train=train[kept[train]], valid=valid[kept[valid]],
+                       test=test[kept[test]], **policy)
+
+
+def prepare_data(config: Config, tokenizer, template: ChatTemplate, raise_on_bad: bool = True) -> PreparedData:
+    """Discover, tokenize (or read the cache), apply the length policy and split every task.
+
+    Under on_bad_record=error any bad record raises DataError listing all of them (after reading every task).
+    """
+    tasks = discover_tasks(config.data_paths, config.tasks)
+    cache_root = Path(config.data_cache_dir) if config.data_cache_dir else None
+    per_task = [prepare_task(load_tokenized(t, tokenizer, template, cache_root, config.preprocessing_num_workers,
+                                            config.overwrite_cache), config) for t in tasks]
+    prepared = PreparedData(tasks, per_task)
+    empty = [t.task.name for t in per_task if len(t.train) == 0 and len(t.valid) == 0]
+    if raise_on_bad and config.on_bad_record == "error" and prepared.errors:
+        raise DataError("\n".join(prepared.errors) + f"\n{len(prepared.errors)} bad record(s); fix them or set "
+                        "on_bad_record: skip to skip and count them")
+    if raise_on_bad and empty:
+        raise DataError(f"task(s) with no usable sample: {', '.join(empty)} (see `mftcoder data check`)")
+    return prepared
+
+
+def _percentiles(values: np.ndarray) -> str:
+    if len(values) == 0:
+        return "-"
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return f"{p50:.0f}/{p90:.0f}/{p99:.0f}/{values.max()}"
+
+
+def check_report(prepared: PreparedData) -> str:
+    """The `data check` table: one row per task, then totals."""
+    header = ("task", "lines", "bad", "kept", "truncated", "dropped", "supervised", "len p50/p90/p99/max",
+              "train", "valid", "test")
+    rows = []
+    for t in prepared.per_task:
+        kept = t.kept
+        rows.append((t.task.name, t.data.num_lines, len(t.data.errors), int(kept.sum()), t.truncated,
+                     t.dropped_over_length + t.dropped_no_target, int(t.targets[kept].sum()),
+                     _percentiles(t.lengths[kept]), len(t.train), len(t.valid), len(t.test)))
+    if len(rows) > 1:
+        totals = [sum(r[i] for r in rows) if isinstance(rows[0][i], int) else "" for i in range(len(header))]
+        rows.append(("all", *totals[1:]))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(r, widths)))
+             for r in (header, *rows)]
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Read and validate JSONL chat records; every problem becomes `file:line: reason`."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+ROLE_NAMES = {"system": "system", "human": "human", "bot": "bot", "user": "human", "assistant": "bot"}
+MAX_RECORD_BYTES = 32 * 1024 * 1024
+
+
+class DataError(Exception):
+    """Data that cannot be used as given; the message says where and why."""
+
+
+class BadRecord(ValueError):
+    """One record that fails validation; the message is the reason (no location)."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # canonical: system, human or bot
+    content: str
+
+
+def _turn(index: int, item: object) -> Turn:
+    where = f"chat_rounds[{index}]"
+    if not isinstance(item, dict):
+        raise BadRecord(f"{where}: expected an object with 'role' and 'content', got {type(item).__name__}")
+    for key in ("role", "content"):
+        if key not in item:
+            raise BadRecord(f"{where}: missing '{key}'")
+    role, content = item["role"], item["content"]
+    if not isinstance(role, str):
+        raise BadRecord(f"{where}.role: expected a string, got {type(role).__name__}")
+    if role not in ROLE_NAMES:
+        match = difflib.get_close_matches(role, list(ROLE_NAMES), n=1)
+        hint = f"; did you mean '{match[0]}'?" if match else ""
+        raise BadRecord(f"{where}: unknown role '{role}' (expected system, human, bot, user or assistant){hint}")
+    if not isinstance(content, str):
+        raise BadRecord(f"{where}.content: expected a string, got {type(content).__name__}")
+    if not content.strip():
+        raise BadRecord(f"{where}.content is empty")
+    return Turn(ROLE_NAMES[role], content)
+
+
+def _check_order(turns: list[Turn]) -> None:
+    """Optional system first, then human and bot alternating, starting with human, ending with bot."""
+    body = turns[1:] if turns and turns[0].role == "system" else turns
+    offset = len(turns) - len(body)
+    expected = "human"
+    for i, turn in enumerate(body):
+        if turn.role == "system":
+            raise BadRecord(f"chat_rounds[{i + offset}]: 'system' is only allowed as the first turn")
+        if turn.role != expected:
+            raise BadRecord(f"chat_rounds[{i + offset}]: expected a {expected} turn, got {turn.role} "
+                            "(turns must alternate human, bot, human, bot, ...)")
+        expected = "bot" if expected == "human" else "human"
+    if not any(t.role == "bot" for t in body):
+        raise BadRecord("no bot turn to learn from")
+    if body[-1].role != "bot":
+        raise BadRecord("the last turn is a human turn with no bot answer")
+
+
+def parse_record(text: str) -> tuple[Turn, ...]:
+    """One JSONL line -> its turns, or BadRecord with the reason."""
+    if not text.strip():
+        raise BadRecord("empty line")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRecord(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise BadRecord("invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    if "chat_rounds" in obj:
+        rounds = obj["chat_rounds"]
+        if not isinstance(rounds, list) or not rounds:
+            raise BadRecord("'chat_rounds' must be a non-empty list")
+        turns = [_turn(i, item) for i, item in enumerate(rounds)]
+    elif "prompt" in obj or "answer" in obj:
+        turns = []
+        for key, role in (("system", "system"), ("prompt", "human"), ("answer", "bot")):
+            if key == "system" and obj.get("system") is None:
+                continue
+            if key not in obj:
+                raise BadRecord(f"missing '{key}' (a prompt/answer record needs both)")
+            value = obj[key]
+            if not isinstance(value, str):
+                raise BadRecord(f"'{key}': expected a string, got {type(value).__name__}")
+            if not value.strip():
+                raise BadRecord(f"'{key}' is empty")
+            turns.append(Turn(role, value))
+    else:
+        raise BadRecord("missing 'chat_rounds' (or a 'prompt'/'answer' pair)")
+    _check_order(turns)
+    return tuple(turns)
+
+
+def read_lines(path: Path, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, str | BadRecord]]:
+    """Yield (line number, decoded text or BadRecord) for each line; bounded memory for huge lines."""
+    with open(path, "rb") as f:
+        number = 0
+        while True:
+            raw = f.readline(max_bytes + 1)
+            if not raw:
+                break
+            number += 1
+            if len(raw) > max_bytes:
+                size = len(raw)
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(1 << 20)
+                    size += len(raw)
+                yield number, BadRecord(f"line is {size:,} bytes, over the limit of {max_bytes:,}")
+                continue
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                yield number, BadRecord(f"not valid UTF-8: {exc.reason} (byte 0x{raw[exc.start]:02x} at offset {exc.start})")
+        if number == 0:
+            yield 1, BadRecord("file is empty")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Create .venv and install mftcoder with its pinned dependencies. torch==2.13.0 goes in first:
+# an unpinned torch (pulled through peft/accelerate) would be a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
