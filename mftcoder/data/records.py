@@ -115,6 +115,7 @@ def read_lines(path: Path, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[
                 while raw and not raw.endswith(b"\n"):
                     raw = f.readline(1 << 20)
                     size += len(raw)
+                size -= raw.endswith(b"\n")
                 yield number, BadRecord(f"line is {size:,} bytes, over the limit of {max_bytes:,}")
                 continue
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):

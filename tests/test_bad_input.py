@@ -1,0 +1,121 @@
+"""Malformed inputs: each gives `file:line: reason` (no traceback) under both policies, and is counted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import chat, write_task
+
+from mftcoder.cli import main
+from mftcoder.data.records import MAX_RECORD_BYTES
+
+GOOD = chat(("human", "Add one."), ("bot", "x + 1"))
+ROUND = {"role": "human", "content": "hi"}
+
+# (line written to the file, expected reason fragment)
+MALFORMED = [
+    ('{"chat_rounds": [', "invalid JSON"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    ('"just a string"', "expected a JSON object, got str"),
+    ('{"id": 7}', "missing 'chat_rounds'"),
+    ('{"chat_rounds": "hi"}', "'chat_rounds' must be a non-empty list"),
+    ('{"chat_rounds": []}', "'chat_rounds' must be a non-empty list"),
+    ('{"chat_rounds": ["hi"]}', "chat_rounds[0]: expected an object"),
+    ('{"chat_rounds": [{"content": "hi"}]}', "chat_rounds[0]: missing 'role'"),
+    ('{"chat_rounds": [{"role": "human"}]}', "chat_rounds[0]: missing 'content'"),
+    (json.dumps({"chat_rounds": [ROUND, {"role": "bott", "content": "x"}]}), "unknown role 'bott'"),
+    (json.dumps({"chat_rounds": [{"role": 3, "content": "x"}]}), "chat_rounds[0].role: expected a string, got int"),
+    (json.dumps({"chat_rounds": [ROUND, {"role": "bot", "content": 42}]}), "chat_rounds[1].content: expected a string, got int"),
+    (json.dumps({"chat_rounds": [ROUND, {"role": "bot", "content": None}]}), "expected a string, got NoneType"),
+    (json.dumps({"chat_rounds": [ROUND, {"role": "bot", "content": ""}]}), "chat_rounds[1].content is empty"),
+    (json.dumps({"chat_rounds": [ROUND, {"role": "bot", "content": "  \n"}]}), "chat_rounds[1].content is empty"),
+    (json.dumps({"chat_rounds": [ROUND]}), "no bot turn"),
+    (json.dumps({"chat_rounds": [ROUND, {"role": "bot", "content": "a"}, {"role": "system", "content": "s"}]}),
+     "'system' is only allowed as the first turn"),
+    (json.dumps({"chat_rounds": [ROUND, ROUND, {"role": "bot", "content": "a"}]}), "expected a bot turn, got human"),
+    (json.dumps({"chat_rounds": [{"role": "bot", "content": "a"}]}), "expected a human turn, got bot"),
+    (json.dumps({"chat_rounds": [ROUND, {"role": "bot", "content": "a"}, ROUND]}), "last turn is a human turn"),
+    (json.dumps({"prompt": "q"}), "missing 'answer'"),
+    (json.dumps({"prompt": ["q"], "answer": "a"}), "'prompt': expected a string, got list"),
+    (json.dumps({"prompt": "q", "answer": ""}), "'answer' is empty"),
+    ("", "empty line"),
+    (b'{"chat_rounds": "\xff\xfe"}', "not valid UTF-8"),
+]
+
+
+def run_check(tmp_path, capsys, folders, policy="error", extra=()):
+    args = ["data", "check", "/dev/null", f"data_paths={json.dumps([str(f) for f in folders])}",
+            f"data_cache_dir={tmp_path / 'cache'}", f"on_bad_record={policy}", "seq_length=64", *extra]
+    code = main(args)
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_each_malformed_line_is_reported_with_file_and_line(tmp_path, capsys, policy):
+    assert len(MALFORMED) >= 20
+    lines = [GOOD]
+    for line, _ in MALFORMED:
+        lines += [line, GOOD]
+    folder = write_task(tmp_path, "t", lines)
+    code, out, _ = run_check(tmp_path, capsys, [folder], policy)
+    path = folder / "data.jsonl"
+    for k, (_, reason) in enumerate(MALFORMED):
+        line_number = 2 + 2 * k
+        matching = [row for row in out.splitlines() if row.startswith(f"{path}:{line_number}: ")]
+        assert len(matching) == 1 and reason in matching[0], (line_number, reason, matching)
+    assert code == (1 if policy == "error" else 0)
+    assert f"{len(MALFORMED)} bad record(s)" in out
+    table = next(row for row in out.splitlines() if row.startswith("t "))
+    assert table.split()[1:4] == [str(len(lines)), str(len(MALFORMED)), str(len(MALFORMED) + 1)]  # lines, bad, kept
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_empty_file_and_huge_line(tmp_path, capsys, policy):
+    empty = write_task(tmp_path, "empty", [])
+    huge = write_task(tmp_path, "huge", [GOOD, '{"chat_rounds": "' + "x" * (MAX_RECORD_BYTES + 10) + '"}', GOOD])
+    code, out, _ = run_check(tmp_path, capsys, [empty, huge], policy)
+    assert f"{empty / 'data.jsonl'}:1: file is empty" in out
+    assert f"{huge / 'data.jsonl'}:2: line is {MAX_RECORD_BYTES + 29:,} bytes, over the limit" in out
+    assert code == (1 if policy == "error" else 0)
+
+
+def test_training_data_refuses_bad_records_under_error_policy(tmp_path, tokenizer, template):
+    from mftcoder.config import build_config
+    from mftcoder.data.prepare import prepare_data
+    from mftcoder.data.records import DataError
+
+    folder = write_task(tmp_path, "t", [GOOD, "{oops", GOOD])
+    values = {"data_paths": [str(folder)], "data_cache_dir": str(tmp_path / "c")}
+    with pytest.raises(DataError, match=r"data\.jsonl:2: invalid JSON"):
+        prepare_data(build_config(values)[0], tokenizer, template)
+    prepared = prepare_data(build_config({**values, "on_bad_record": "skip"})[0], tokenizer, template)
+    assert len(prepared.per_task[0].data) == 2 and len(prepared.errors) == 1
+
+
+def test_folder_problems_are_all_reported(tmp_path, capsys):
+    good = write_task(tmp_path, "a", [GOOD])
+    (tmp_path / "nojsonl").mkdir()
+    (tmp_path / "nojsonl" / "notes.txt").write_text("hi")
+    other = write_task(tmp_path / "elsewhere", "a", [GOOD])
+    for policy in ("error", "skip"):
+        code, _, err = run_check(tmp_path, capsys, [good, tmp_path / "nojsonl", other, tmp_path / "missing"], policy)
+        assert code == 2
+        assert f"{tmp_path / 'nojsonl'}: no .jsonl files under this folder" in err
+        assert f"{other}: duplicate task name 'a'" in err
+        assert f"{tmp_path / 'missing'}: task folder does not exist" in err
+
+
+def test_files_are_read_recursively_in_sorted_order(tmp_path, tokenizer, template):
+    from mftcoder.config import build_config
+    from mftcoder.data.prepare import prepare_data
+
+    folder = write_task(tmp_path, "t", [GOOD], filename="b.jsonl")
+    write_task(tmp_path, "t", [GOOD, GOOD], filename="a.jsonl")
+    write_task(tmp_path / "t", "sub", [GOOD], filename="c.jsonl")
+    config, _ = build_config({"data_paths": [str(folder)], "data_cache_dir": str(tmp_path / "c")})
+    data = prepare_data(config, tokenizer, template).per_task[0].data
+    assert [data.where(i) for i in range(len(data))] == [
+        f"{folder / 'a.jsonl'}:1", f"{folder / 'a.jsonl'}:2", f"{folder / 'b.jsonl'}:1", f"{folder / 'sub' / 'c.jsonl'}:1"]

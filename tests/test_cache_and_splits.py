@@ -1,0 +1,102 @@
+"""The tokenized-data cache (read back, invalidated, parallel == serial) and deterministic per-task splits."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import chat, write_task
+
+from mftcoder.cli import main
+from mftcoder.config import ConfigError, build_config
+from mftcoder.data import tokenize
+from mftcoder.data.prepare import prepare_data
+from mftcoder.data.tasks import discover_tasks, per_task_values, split_indices
+from mftcoder.model import DEMO_DATA
+
+
+def demo_args(cache):
+    paths = ",".join(str(p) for p in sorted(DEMO_DATA.iterdir()) if p.is_dir())
+    return ["data", "check", "/dev/null", f"data_paths=[{paths}]", f"data_cache_dir={cache}", "seq_length=256"]
+
+
+def test_second_data_check_reads_the_cache(tmp_path, capsys):
+    assert main(demo_args(tmp_path)) == 0
+    first = capsys.readouterr().out
+    assert "0 of 3 task(s) read from the cache" in first
+    assert main(demo_args(tmp_path)) == 0
+    second = capsys.readouterr().out
+    assert "3 of 3 task(s) read from the cache" in second
+    assert first.splitlines()[:5] == second.splitlines()[:5]  # same table
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
+
+
+def test_cache_is_rebuilt_when_data_or_template_change(tmp_path, tokenizer, template):
+    folder = write_task(tmp_path, "t", [chat(("human", "a"), ("bot", "b"))])
+    base = {"data_paths": [str(folder)], "data_cache_dir": str(tmp_path / "cache"), "data_split": "1,0,0"}
+    config = build_config(base)[0]
+    assert not prepare_data(config, tokenizer, template).per_task[0].data.from_cache
+    assert prepare_data(config, tokenizer, template).per_task[0].data.from_cache
+    assert prepare_data(build_config({**base, "seq_length": 8})[0], tokenizer, template).per_task[0].data.from_cache
+    write_task(tmp_path, "t", [chat(("human", "a"), ("bot", "b"))] * 2)
+    os.utime(folder / "data.jsonl", ns=(1, 1))
+    again = prepare_data(config, tokenizer, template).per_task[0].data
+    assert not again.from_cache and len(again) == 2
+    from mftcoder.data.template import build_template
+    other = build_template("codefuse")
+    assert not prepare_data(config, tokenizer, other).per_task[0].data.from_cache
+
+
+def test_parallel_tokenization_equals_serial(tmp_path, tokenizer, template, monkeypatch):
+    records = [chat(("human", f"q{i} " * (i % 7 + 1)), ("bot", f"a{i}\n" * (i % 5 + 1))) for i in range(5000)]
+    records[1234] = "{broken"
+    task = discover_tasks([str(write_task(tmp_path, "t", records))])[0]
+    serial = tokenize.load_tokenized(task, tokenizer, template, tmp_path / "serial", workers=1)
+    monkeypatch.setattr(tokenize, "PARALLEL_MIN_BYTES", 0)
+    parallel = tokenize.load_tokenized(task, tokenizer, template, tmp_path / "parallel", workers=2)
+    assert len(serial) == len(parallel) == 4999 and serial.num_lines == 5000
+    assert np.array_equal(serial.ids, parallel.ids) and np.array_equal(serial.mask, parallel.mask)
+    assert np.array_equal(serial.starts, parallel.starts) and np.array_equal(serial.lines, parallel.lines)
+    assert serial.errors == parallel.errors == [f"{task.files[0]}:1235: invalid JSON: Expecting property name "
+                                                "enclosed in double quotes at column 2"]
+    assert isinstance(serial.ids, np.memmap)
+
+
+def test_split_is_deterministic_disjoint_and_sized():
+    train, valid, test = split_indices(1000, (0.9, 0.05, 0.05), seed=7, task_name="a")
+    assert (len(train), len(valid), len(test)) == (900, 50, 50)
+    assert sorted(np.concatenate([train, valid, test]).tolist()) == list(range(1000))
+    again = split_indices(1000, (0.9, 0.05, 0.05), seed=7, task_name="a")
+    assert all(np.array_equal(x, y) for x, y in zip((train, valid, test), again))
+    assert not np.array_equal(valid, split_indices(1000, (0.9, 0.05, 0.05), seed=8, task_name="a")[1])
+    assert not np.array_equal(valid, split_indices(1000, (0.9, 0.05, 0.05), seed=7, task_name="b")[1])
+    unshuffled = split_indices(10, (0.8, 0.2, 0.0), seed=7, task_name="a", shuffle=False)
+    assert [x.tolist() for x in unshuffled] == [list(range(8)), [8, 9], []]
+
+
+def test_split_survives_a_seq_length_change(tmp_path, tokenizer, template):
+    records = [chat(("human", "q"), ("bot", "word " * (i % 30 + 1))) for i in range(200)]
+    folder = write_task(tmp_path, "t", records)
+    base = {"data_paths": [str(folder)], "data_cache_dir": str(tmp_path / "c"), "data_split": "80,20,0"}
+    wide = prepare_data(build_config(base)[0], tokenizer, template).per_task[0]
+    narrow = prepare_data(build_config({**base, "seq_length": 20, "over_length": "drop"})[0], tokenizer, template).per_task[0]
+    assert len(wide.valid) == 40 and 0 < len(narrow.valid) < 40
+    assert set(narrow.valid.tolist()) <= set(wide.valid.tolist())
+
+
+def test_per_task_weights_by_list_or_name(tmp_path):
+    tasks = discover_tasks([str(write_task(tmp_path, n, [chat(("human", "q"), ("bot", "a"))])) for n in ("x", "y")])
+    assert per_task_values("w", [], tasks).tolist() == [1.0, 1.0]
+    assert per_task_values("w", [2.0, 0.5], tasks).tolist() == [2.0, 0.5]
+    assert per_task_values("w", {"y": 3.0}, tasks).tolist() == [1.0, 3.0]
+    with pytest.raises(ConfigError, match="unknown task 'z'"):
+        per_task_values("w", {"z": 1.0}, tasks)
+    with pytest.raises(ConfigError, match="1 values for 2 tasks"):
+        per_task_values("w", [1.0], tasks)
+
+
+def test_explicit_task_map(tmp_path):
+    folder = write_task(tmp_path, "folder_name", [chat(("human", "q"), ("bot", "a"))])
+    tasks = discover_tasks([], {"renamed": str(folder)})
+    assert [(t.id, t.name) for t in tasks] == [(0, "renamed")]

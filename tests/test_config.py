@@ -1,0 +1,119 @@
+"""The config schema: the reference's names, typo hints, both data_paths forms, overrides, validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from mftcoder.cli import main
+from mftcoder.config import ConfigError, build_config, fields, load_config, split_fractions
+
+# Every argument the reference document names (section 3.4), plus those its launch scripts pass.
+REFERENCE_DOC_VALUES = {
+    "tokenize_mode": "sft", "train_mode": "sft", "load_raw_dataset": True, "data_paths": "[a,b]",
+    "output_dir": "out", "tensorboard_dir": "tb", "model_type": "gpt_neox", "peft_type": "lora",
+    "pretrained_model_path": "model", "total_train_batch_size": 16, "per_device_valid_batch_size": 4,
+    "gradient_accumulation_steps": 2, "checkpoint_activations": True, "learning_rate": 1e-4, "min_lr": 1e-5,
+    "seq_length": 4096, "log_interval": 10, "checkpointing_steps": 2000, "evalation_steps": 300,
+    "early_stopping_patience": 10, "lr_scheduler_type": "cosine", "num_warmup_steps": 500, "seed": 42,
+    "train_iters": 10, "valid_iters": 10, "evaluation_strategy": "steps,epoch", "save_strategy": "steps",
+    "extra_save_by_epoch": True, "save_total_limit": 2, "weighted_loss_mode": "case3",
+}
+REFERENCE_LAUNCHER_VALUES = {
+    "data_weights": "[1.,1.]", "data_split": "95,5,0", "padding_mode": "padding", "vocab_file": "tok",
+    "custom_lr_scheduler_type": "cosine", "valid_interval": 2000, "num_train_epochs": 5,
+    "per_device_train_batch_size": 8, "preprocessing_num_workers": 6, "num_workers": 8, "tp": 1, "dp": 2,
+    "bf16": True, "max_grad_norm": 1, "metric_for_best_model": "loss", "greater_is_better": "false",
+    "resume_from_checkpoint": "false", "shuffle_before_split": True,
+}
+
+
+def test_every_reference_argument_is_accepted_with_its_meaning():
+    config, notices = build_config({**REFERENCE_DOC_VALUES, **REFERENCE_LAUNCHER_VALUES})
+    assert config.data_paths == ["a", "b"]
+    assert config.evaluation_steps == 2000  # valid_interval came after evalation_steps
+    assert config.tokenizer_path == "tok" and config.lr_scheduler_type == "cosine"
+    assert config.data_weights == [1.0, 1.0] and config.greater_is_better is False
+    assert config.resume_from_checkpoint is None and config.max_grad_norm == 1.0
+    assert config.checkpoint_activations is True and config.peft_type == "lora"
+    assert len(notices) == 4 and any("train_iters" in n for n in notices)
+
+
+def test_evalation_steps_alias():
+    assert build_config({"evalation_steps": "300"})[0].evaluation_steps == 300
+
+
+def test_data_paths_both_forms():
+    assert build_config({"data_paths": "[x/a, x/b]"})[0].data_paths == ["x/a", "x/b"]
+    assert build_config({"data_paths": '["x/a","x/b"]'})[0].data_paths == ["x/a", "x/b"]
+    assert build_config({"data_paths": ["x/a", "x/b"]})[0].data_paths == ["x/a", "x/b"]
+
+
+@pytest.mark.parametrize("key, hint", [("learning_rat", "learning_rate"), ("evaluation_step", "evaluation_steps"),
+                                       ("data_path", "data_paths"), ("seq_lenght", "seq_length")])
+def test_typo_names_the_closest_key(key, hint):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'; did you mean '{hint}'"):
+        build_config({key: 1})
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"weighted_loss_mode": "case5"}, "weighted_loss_mode: 'case5' is not one of .*did you mean 'case4'"),
+    ({"seq_length": "long"}, "seq_length: expected an integer, got 'long'"),
+    ({"seq_length": 0}, "seq_length: must be positive"),
+    ({"learning_rate": "fast"}, "learning_rate: expected a number"),
+    ({"checkpoint_activations": "maybe"}, "checkpoint_activations: expected true or false"),
+    ({"tp": 2}, "tp: tensor parallelism is not supported"),
+    ({"fp16": True}, "fp16: not supported"),
+    ({"load_raw_dataset": False}, "load_raw_dataset: only raw JSONL"),
+    ({"tokenize_mode": "pretrain"}, "tokenize_mode: 'pretrain' is not one of sft"),
+    ({"data_split": "a,b"}, "data_split: expected numbers"),
+    ({"min_lr": 1.0, "learning_rate": 0.1}, "min_lr .* is above learning_rate"),
+    ({"pretrained_model_path": "m", "model_config": "tiny-test"}, "either pretrained_model_path .* or model_config"),
+    ({"metric_for_best_model": "accuracy"}, "metric_for_best_model: expected 'loss'"),
+])
+def test_bad_values_name_the_key(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(values)
+
+
+def test_split_is_normalized():
+    assert split_fractions("95,5,0") == (0.95, 0.05, 0.0)
+    assert split_fractions("9,1") == (0.9, 0.1, 0.0)
+    assert split_fractions("0.8,0.1,0.1") == pytest.approx((0.8, 0.1, 0.1))
+
+
+def test_file_plus_overrides_and_relative_paths(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "run.yaml"
+    path.write_text("data_paths: '[data/a,data/b]'\noutput_dir: out\nlearning_rate: 2e-5\nseq_length: 512\n")
+    config, _ = load_config(path, ["seq_length=128", "learning_rate=1e-4", "output_dir=elsewhere"])
+    assert config.data_paths == [str(tmp_path / "cfg" / "data" / "a"), str(tmp_path / "cfg" / "data" / "b")]
+    assert (config.seq_length, config.learning_rate) == (128, 1e-4)
+    assert config.output_dir == "elsewhere"  # command-line paths stay relative to the working directory
+
+
+def test_json_config_and_bad_files(tmp_path):
+    good = tmp_path / "c.json"
+    good.write_text('{"seq_length": 99}')
+    assert load_config(good)[0].seq_length == 99
+    bad = tmp_path / "c.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(None, ["seq_length"])
+
+
+def test_every_field_has_help_and_config_show_prints_it(capsys):
+    assert all(f.metadata["help"] for f in fields().values())
+    assert main(["config", "show", "/dev/null", "seq_length=77", "train_iters=5"]) == 0
+    out = capsys.readouterr()
+    assert "seq_length: 77" in out.out and "# Maximum tokens per sample" in out.out
+    assert "train_iters is a placeholder" in out.err
+    for name in fields():
+        assert f"\n{name}: " in "\n" + out.out
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    assert main(["config", "show", "/dev/null", "lerning_rate=1"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'learning_rate'" in err and "Traceback" not in err
