@@ -1,18 +1,24 @@
-"""The `mftcoder` command: config show, data check (train, merge, generate and chat build on these)."""
+"""The `mftcoder` command: train, config show, data check."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mftcoder.config import Config, ConfigError, describe, load_config
 from mftcoder.data.records import DataError
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # torchrun sets RANK; notes and summaries print once
+
+
 def _load(args: argparse.Namespace) -> Config:
     config, notices = load_config(args.config, args.overrides)
-    for notice in notices:
-        print(f"note: {notice}", file=sys.stderr)
+    if _is_main_process():
+        for notice in notices:
+            print(f"note: {notice}", file=sys.stderr)
     return config
 
 
@@ -42,6 +48,20 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from mftcoder.train.loop import TrainingError, train
+
+    config = _load(args)
+    try:
+        result = train(config)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if _is_main_process():
+        print(f"final checkpoint: {result.final_checkpoint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mftcoder", description="Multi-task fine-tuning for code LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4")
         return p
 
+    with_config(commands.add_parser("train", help="multi-task fine-tuning, full or LoRA")).set_defaults(func=cmd_train)
     config = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     with_config(config.add_parser("show", help="print the resolved config with help text")).set_defaults(
         func=cmd_config_show)

@@ -104,6 +104,7 @@ class Config:
     save_total_limit: int | None = opt(None, "Keep at most this many step checkpoints: the best and the newest first.", section="eval")
     resume_from_checkpoint: str | None = opt(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint path.", section="eval")
     log_interval: int = opt(10, "Optimizer steps between log lines.", section="eval")
+    evaluate_before_training: bool = opt(True, "Evaluate once before the first step (logged as step 0; the baseline).", section="eval")
 
 
 ALIASES = {
@@ -329,7 +330,9 @@ def validate(config: Config, given: set[str]) -> list[str]:
     for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name}: must be positive, got {getattr(config, name)}")
-    for name in ("num_warmup_steps", "weight_decay", "min_lr", "max_nonfinite_steps", "num_workers"):
+    if config.max_nonfinite_steps < 1:
+        raise ConfigError(f"max_nonfinite_steps: must be at least 1, got {config.max_nonfinite_steps}")
+    for name in ("num_warmup_steps", "weight_decay", "min_lr", "num_workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name}: must not be negative, got {getattr(config, name)}")
     if config.learning_rate <= 0:

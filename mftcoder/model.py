@@ -62,3 +62,71 @@ def model_config_path(name_or_path: str) -> Path:
 
 def read_model_config(name_or_path: str) -> dict:
     return json.loads(model_config_path(name_or_path).read_text())
+
+
+def build_model(config: Config, tokenizer, full_weights: Path | None = None):
+    """The model to train: a local HF model, or a random-initialised one from a config (seeded).
+    `full_weights` (a full checkpoint being resumed) replaces either. LoRA and activation checkpointing
+    are applied as configured."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if full_weights or config.pretrained_model_path:
+        path = Path(full_weights or config.pretrained_model_path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"pretrained_model_path: {path} is not a Hugging Face model directory (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                     trust_remote_code=config.trust_remote_code)
+    elif config.model_config:
+        values = read_model_config(config.model_config)
+        model_config = AutoConfig.for_model(**values)
+        torch.manual_seed(config.seed)
+        model = AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa",
+                                                 trust_remote_code=config.trust_remote_code)
+    else:
+        raise ConfigError("no model: set pretrained_model_path (a local HF model) or model_config "
+                          f"(random init: {', '.join(SHIPPED_MODEL_CONFIGS)})")
+    family = model.config.model_type
+    if config.model_type not in ("auto", family):
+        raise ConfigError(f"model_type: the config says {config.model_type!r} but the model is {family!r}")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                          f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if config.checkpoint_activations:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.peft_type == "lora":
+        model = apply_lora(model, config)
+    return model
+
+
+def lora_targets(config: Config, family: str) -> list[str] | str:
+    return config.target_modules or LORA_TARGETS.get(family, "all-linear")
+
+
+def apply_lora(model, config: Config):
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_targets(config, model.config.model_type)
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ConfigError(f"target_modules: {exc}") from None
+    if config.checkpoint_activations:
+        model.enable_input_require_grads()
+    return model
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """Trainable parameters split for AdamW: no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

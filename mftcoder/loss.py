@@ -1,0 +1,166 @@
+"""Multi-task losses (case1-case4), normalized over a whole optimizer step, and supervised-only logits.
+
+Every mode is a weighted sum of token losses, loss = sum_i c_i * l_i, where the coefficient c_i depends only
+on counts over the whole optimizer step (all micro-batches, all ranks):
+  case1  c = 1 / M                       (M: supervised tokens in the step)
+  case2  c = 1 / (n_s * S)               (n_s: tokens of the token's sample, S: samples in the step)
+  case3  c = w_t / (M_t * W)             (M_t: tokens of task t, W: sum of w over tasks present)
+  case4  c = w_t / (n_s * S_t * W)       (S_t: samples of task t)
+So each micro-batch contributes its share and accumulation over micro-batches or ranks changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mftcoder.data.batching import Batch
+
+LOSS_MODES = ("case1", "case2", "case3", "case4")
+
+
+def sample_groups(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the supervised tokens (loss_mask order): each token's sample index, then per sample its
+    supervised-token count and its task. Samples without a supervised token do not appear."""
+    mask = batch.loss_mask
+    unique, inverse, counts = torch.unique(batch.token_sample[mask], return_inverse=True, return_counts=True)
+    sample_task = torch.zeros(len(unique), dtype=torch.long, device=mask.device)
+    sample_task[inverse] = batch.token_task[mask]
+    return inverse, counts, sample_task
+
+
+@dataclass
+class StepCounts:
+    """Per-task supervised tokens and samples over one optimizer step (all micro-batches; all ranks once reduced)."""
+
+    tokens: torch.Tensor  # [num_tasks] float64
+    samples: torch.Tensor  # [num_tasks] float64
+
+    @staticmethod
+    def of(batches: list[Batch], num_tasks: int) -> "StepCounts":
+        tokens = torch.zeros(num_tasks, dtype=torch.float64)
+        samples = torch.zeros(num_tasks, dtype=torch.float64)
+        for batch in batches:
+            tokens += torch.bincount(batch.token_task[batch.loss_mask].cpu(), minlength=num_tasks).double()
+            samples += torch.bincount(sample_groups(batch)[2].cpu(), minlength=num_tasks).double()
+        return StepCounts(tokens, samples)
+
+
+def token_coefficients(batch: Batch, mode: str, counts: StepCounts, task_weights: torch.Tensor) -> torch.Tensor:
+    """c_i for each supervised token of the batch (in loss_mask order), from step-level counts."""
+    task = batch.token_task[batch.loss_mask]
+    device = task.device
+    tokens, samples = counts.tokens.to(device), counts.samples.to(device)
+    weights = task_weights.to(device=device, dtype=torch.float64)
+    inverse, per_sample, _ = sample_groups(batch)
+    sample_tokens = per_sample[inverse].double()
+    if mode == "case1":
+        return torch.ones_like(sample_tokens) / tokens.sum()
+    if mode == "case2":
+        return 1.0 / (sample_tokens * samples.sum())
+    present_weight = weights[tokens > 0].sum()
+    if present_weight == 0:  # only zero-weight tasks in this step: nothing to learn from it
+        return torch.zeros_like(sample_tokens)
+    if mode == "case3":
+        return weights[task] / (tokens[task] * present_weight)
+    if mode == "case4":
+        return weights[task] / (sample_tokens * samples[task] * present_weight)
+    raise ValueError(f"unknown weighted_loss_mode {mode!r}")
+
+
+@dataclass
+class TaskTotals:
+    """Running sums per task: token losses, tokens, per-sample mean losses, samples (for metrics and eval)."""
+
+    loss_sum: torch.Tensor
+    tokens: torch.Tensor
+    sample_mean_sum: torch.Tensor
+    samples: torch.Tensor
+
+    @staticmethod
+    def zeros(num_tasks: int) -> "TaskTotals":
+        return TaskTotals(*(torch.zeros(num_tasks, dtype=torch.float64) for _ in range(4)))
+
+    def add(self, batch: Batch, token_losses: torch.Tensor) -> None:
+        """Accumulate detached token losses (in loss_mask order) of one batch."""
+        num_tasks = len(self.tokens)
+        task = batch.token_task[batch.loss_mask].cpu()
+        losses = token_losses.detach().double().cpu()
+        inverse, per_sample, sample_task = (t.cpu() for t in sample_groups(batch))
+        self.loss_sum += torch.bincount(task, weights=losses, minlength=num_tasks)
+        self.tokens += torch.bincount(task, minlength=num_tasks).double()
+        sample_loss = torch.zeros(len(per_sample), dtype=torch.float64).index_add_(0, inverse, losses)
+        self.sample_mean_sum += torch.bincount(sample_task, weights=sample_loss / per_sample, minlength=num_tasks)
+        self.samples += torch.bincount(sample_task, minlength=num_tasks).double()
+
+    def merge(self, other: "TaskTotals") -> None:
+        for mine, theirs in zip(self.as_tensor_parts(), other.as_tensor_parts()):
+            mine.add_(theirs)
+
+    def as_tensor_parts(self) -> tuple[torch.Tensor, ...]:
+        return (self.loss_sum, self.tokens, self.sample_mean_sum, self.samples)
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.stack(self.as_tensor_parts())
+
+    @staticmethod
+    def from_tensor(t: torch.Tensor) -> "TaskTotals":
+        return TaskTotals(*t.clone())
+
+    def per_task_loss(self) -> torch.Tensor:
+        """Token-mean loss per task (NaN where a task had no token)."""
+        return self.loss_sum / self.tokens
+
+    def objective(self, mode: str, task_weights: torch.Tensor) -> float:
+        """The training objective evaluated over everything accumulated (used for the validation loss)."""
+        w = task_weights.double()
+        present = self.tokens > 0
+        if not present.any():
+            return float("nan")
+        if mode == "case1":
+            return float(self.loss_sum.sum() / self.tokens.sum())
+        if mode == "case2":
+            return float(self.sample_mean_sum.sum() / self.samples.sum())
+        per_task = (self.loss_sum / self.tokens) if mode == "case3" else (self.sample_mean_sum / self.samples)
+        return float((w[present] * per_task[present]).sum() / w[present].sum())
+
+
+class SupervisedLM(nn.Module):
+    """Wraps a causal LM: runs its body, then the output layer and cross-entropy only at supervised
+    positions, in chunks, so [tokens, vocab] logits are never built for prompt or pad tokens."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = 2048):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def body(self) -> nn.Module:
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return inner.base_model
+
+    def head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Per-token cross-entropy (float32) at the batch's supervised positions, in loss_mask order."""
+        hidden = self.body()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             use_cache=False).last_hidden_state
+        selected = hidden[batch.loss_mask]
+        targets = batch.targets[batch.loss_mask]
+        head = self.head()
+        pieces = []
+        for start in range(0, len(selected), self.chunk_tokens):
+            h, t = selected[start:start + self.chunk_tokens], targets[start:start + self.chunk_tokens]
+            if torch.is_grad_enabled() and h.requires_grad:
+                pieces.append(checkpoint(_head_loss, head, h, t, use_reentrant=False))
+            else:
+                pieces.append(_head_loss(head, h, t))
+        return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")

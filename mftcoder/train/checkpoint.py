@@ -1,0 +1,143 @@
+"""Checkpoints: atomic save (temporary folder, then rename), retention, and everything resume needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+STATE_FILE = "trainer_state.json"
+RESUME_DIR = "resume"
+STEP_NAME = re.compile(r"^checkpoint-(\d+)$")
+EPOCH_NAME = re.compile(r"^checkpoint-epoch-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; saved in every checkpoint and restored on resume."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0  # current epoch (0-based)
+    step_in_epoch: int = 0  # optimizer updates done in the current epoch
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+    evals_without_improvement: int = 0
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    last_eval: dict | None = None  # {"step": int, "metric": float}
+    checkpoint_metrics: dict[str, float] = field(default_factory=dict)  # checkpoint name -> its eval metric
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @staticmethod
+    def from_json(text: str) -> "TrainerState":
+        return TrainerState(**json.loads(text))
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint counts only under its final name and with its state file, which is written last."""
+    return (STEP_NAME.match(path.name) or EPOCH_NAME.match(path.name)) is not None and (path / STATE_FILE).is_file()
+
+
+def checkpoint_step(path: Path) -> int:
+    return TrainerState.from_json((path / STATE_FILE).read_text()).step
+
+
+def find_latest(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint (highest step; a step checkpoint wins a tie with an epoch one)."""
+    if not output_dir.is_dir():
+        return None
+    complete = [p for p in output_dir.iterdir() if p.is_dir() and is_complete(p)]
+    if not complete:
+        return None
+    return max(complete, key=lambda p: (checkpoint_step(p), STEP_NAME.match(p.name) is not None))
+
+
+def save_checkpoint(output_dir: Path, name: str, model: torch.nn.Module, tokenizer, optimizer: torch.optim.Optimizer,
+                    state: TrainerState, run_config: dict) -> Path:
+    """Write checkpoint `name` of the user's (unwrapped) model atomically: everything goes to a hidden
+    temporary folder, the state file last, then one rename makes it visible. A crash before the rename
+    leaves nothing that resume would pick."""
+    final = output_dir / name
+    tmp = output_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)  # HF directory (safetensors) or, for PEFT, the adapter only
+    tokenizer.save_pretrained(tmp)
+    write_resume_state(tmp / RESUME_DIR, optimizer, run_config)
+    (tmp / STATE_FILE).write_text(state.to_json())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
+
+
+def write_resume_state(directory: Path, optimizer: torch.optim.Optimizer, run_config: dict) -> None:
+    directory.mkdir()
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, directory / "rng.pt")
+    (directory / "config.json").write_text(json.dumps(run_config, indent=1))
+
+
+def read_run_config(checkpoint: Path) -> dict:
+    path = checkpoint / RESUME_DIR / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def is_adapter(checkpoint: Path) -> bool:
+    return (checkpoint / "adapter_model.safetensors").is_file()
+
+
+def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
+    """Restore the adapter (a full model's weights are loaded when the model is built), the optimizer,
+    the RNG and the trainer state from a complete checkpoint."""
+    if is_adapter(checkpoint):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{checkpoint}: adapter keys do not match the model: {result.unexpected_keys[:3]}")
+    optimizer.load_state_dict(torch.load(checkpoint / RESUME_DIR / "optimizer.pt", weights_only=True))
+    rng = torch.load(checkpoint / RESUME_DIR / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainerState.from_json((checkpoint / STATE_FILE).read_text())
+
+
+def apply_retention(output_dir: Path, limit: int | None, best: str | None) -> list[str]:
+    """Delete step checkpoints beyond `limit`, keeping the best and then the newest; epoch checkpoints stay.
+    With limit 1 and a best that is not the newest, both stay (the newest is what resume needs)."""
+    if limit is None:
+        return []
+    steps = sorted((p for p in output_dir.iterdir() if p.is_dir() and STEP_NAME.match(p.name) and is_complete(p)),
+                   key=lambda p: int(STEP_NAME.match(p.name).group(1)), reverse=True)
+    keep = {steps[0].name} if steps else set()
+    if best:
+        keep.add(best)
+    for path in steps:
+        if len(keep) >= limit:
+            break
+        keep.add(path.name)
+    removed = [p.name for p in steps if p.name not in keep]
+    for name in removed:
+        shutil.rmtree(output_dir / name)
+    return removed
+
+
+def remove_incomplete(output_dir: Path) -> None:
+    """Clear temporary folders left by a save that crashed."""
+    if output_dir.is_dir():
+        for path in output_dir.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)

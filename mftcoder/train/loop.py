@@ -1,0 +1,365 @@
+"""The training loop, readable top to bottom: set up, then optimizer steps with logs, evaluation and checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mftcoder.config import Config, ConfigError, to_dict
+from mftcoder.data.batching import Batch, SampleReader, epoch_plan, micro_batches, optimizer_steps
+from mftcoder.data.prepare import PreparedData, prepare_data
+from mftcoder.data.tasks import per_task_values
+from mftcoder.data.template import build_template
+from mftcoder.loss import StepCounts, SupervisedLM, TaskTotals, token_coefficients
+from mftcoder.model import build_model, load_tokenizer, parameter_groups
+from mftcoder.train import checkpoint as ckpt
+from mftcoder.train.distributed import DistEnv, init_distributed, shutdown
+from mftcoder.train.metrics import MetricsLogger
+from mftcoder.train.schedule import learning_rate
+
+# Settings a resumed run must share with the run that wrote the checkpoint, or the data order changes
+# (num_train_epochs and max_steps may grow: that trains on, with the schedule stretched to the new end).
+RESUME_MUST_MATCH = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_length",
+                     "data_split", "data_weights", "over_length", "chat_template", "padding_mode")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed NaN); the message says why."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_checkpoint: Path
+    state: ckpt.TrainerState
+    step_losses: list[float] = field(default_factory=list)  # the objective of each step run in this process
+    evaluations: list[dict] = field(default_factory=list)
+
+
+def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], counts: StepCounts, mode: str,
+                         task_weights: torch.Tensor, env: DistEnv, totals: TaskTotals,
+                         autocast: contextlib.AbstractContextManager) -> float:
+    """Forward and backward every micro-batch of one optimizer step; returns the step's objective.
+
+    Coefficients come from step-level counts, so the summed gradient equals that of one big batch; under
+    data parallelism each rank's share is scaled by the world size because DDP averages gradients.
+    """
+    step_loss = 0.0
+    for i, batch in enumerate(batches):
+        batch = batch.to(env.device)
+        sync = i == len(batches) - 1
+        no_sync = runner.no_sync() if hasattr(runner, "no_sync") and not sync else contextlib.nullcontext()
+        with no_sync:
+            with autocast:
+                token_losses = runner(batch)
+            coefficients = token_coefficients(batch, mode, counts, task_weights).to(token_losses.dtype)
+            loss = (token_losses * coefficients).sum()
+            (loss * env.world_size).backward()
+        step_loss += float(loss.detach())
+        totals.add(batch, token_losses)
+    return float(env.all_reduce_sum(torch.tensor([step_loss], dtype=torch.float64))[0])
+
+
+@dataclass
+class Interval:
+    """What happened since the last log line."""
+
+    totals: TaskTotals
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    grad_norm: float = float("nan")
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Trainer:
+    """Holds one run's parts; `run()` is the loop."""
+
+    def __init__(self, config: Config, env: DistEnv):
+        self.config = config
+        self.env = env
+        self.output_dir = Path(config.output_dir or "outputs")
+        torch.manual_seed(config.seed)
+        self.template = build_template(config.chat_template, config.chat_markers)
+        self.tokenizer = load_tokenizer(config, self.template)
+        self.data: PreparedData = prepare_data(config, self.tokenizer, self.template)
+        self.num_tasks = len(self.data.tasks)
+        self.task_names = [t.name for t in self.data.tasks]
+        self.task_weights = torch.tensor(per_task_values("task_weights", config.task_weights, self.data.tasks))
+        if self.task_weights.sum() <= 0:
+            raise ConfigError("task_weights: at least one task needs a positive weight")
+        self.sampling_weights = per_task_values("data_weights", config.data_weights, self.data.tasks)
+        self.resume_from = self._resume_checkpoint()
+        full_weights = self.resume_from if self.resume_from and not ckpt.is_adapter(self.resume_from) else None
+        self.model = build_model(config, self.tokenizer, full_weights).to(env.device)
+        self.runner = self._wrap(SupervisedLM(self.model))
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.weight_decay), lr=config.learning_rate,
+                                           betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+        pad_to = config.seq_length if config.padding_mode == "padding" else None
+        self.reader = SampleReader(self.data.per_task, self.tokenizer.pad_token_id, pad_to)
+        self.steps_per_epoch = len(self._epoch_steps(0))
+        total = self.steps_per_epoch * config.num_train_epochs
+        self.total_steps = min(total, config.max_steps) if config.max_steps > 0 else total
+        self.autocast = self._autocast()
+        self.state = ckpt.TrainerState()
+        tb_dir = Path(config.tensorboard_dir) if config.tensorboard_dir else self.output_dir / "runs"
+        self.logger = MetricsLogger(self.output_dir, tb_dir, enabled=env.is_main)
+        self.result = RunResult(self.output_dir, self.output_dir, self.state)
+        self.interval = Interval(TaskTotals.zeros(self.num_tasks))
+
+    # --- set-up helpers -------------------------------------------------------------------------
+    def _wrap(self, runner: torch.nn.Module) -> torch.nn.Module:
+        if not self.env.distributed:
+            return runner
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return DistributedDataParallel(runner, device_ids=device_ids)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        use_bf16 = self.config.bf16
+        if use_bf16 is None:
+            use_bf16 = self.env.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if not use_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+
+    def _epoch_steps(self, epoch: int) -> list[list[np.ndarray]]:
+        plan = epoch_plan(self.data.per_task, self.sampling_weights, self.config.seed, epoch)
+        batches = micro_batches(plan, self.config.per_device_train_batch_size, self.env.rank, self.env.world_size)
+        return optimizer_steps(batches, self.config.gradient_accumulation_steps)
+
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from (resume_from_checkpoint: 'auto' = newest complete one), checked."""
+        target = self.config.resume_from_checkpoint
+        if not target:
+            return None
+        path = ckpt.find_latest(self.output_dir) if target == "auto" else Path(target)
+        if path is None:
+            if self.env.is_main:
+                tqdm.write(f"resume_from_checkpoint=auto: no checkpoint in {self.output_dir}; starting fresh")
+            return None
+        if not ckpt.is_complete(path):
+            raise ConfigError(f"resume_from_checkpoint: {path} is not a complete checkpoint")
+        saved, current = ckpt.read_run_config(path), to_dict(self.config)
+        for key in RESUME_MUST_MATCH:
+            if key in saved and saved[key] != current[key]:
+                raise ConfigError(f"{key}: the checkpoint {path} was trained with {saved[key]!r}, this run has "
+                                  f"{current[key]!r}; an exact resume needs the same value")
+        return path
+
+    def resume(self) -> None:
+        """Restore optimizer, RNG, data position and trainer state (and a LoRA adapter) from the checkpoint."""
+        if self.resume_from is None:
+            return
+        self.state = ckpt.load_checkpoint(self.resume_from, self.model, self.optimizer)
+        self.result.state = self.state
+        if self.env.is_main:
+            tqdm.write(f"resumed from {self.resume_from} at step {self.state.step} (epoch {self.state.epoch})")
+
+    # --- the loop -----------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        config, state = self.config, self.state
+        if self.env.is_main:
+            ckpt.remove_incomplete(self.output_dir)
+        if config.evaluate_before_training and state.step == 0 and "no" != config.evaluation_strategy:
+            self.evaluate(record=False)
+        progress = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not self.env.is_main,
+                        dynamic_ncols=True)
+        early_stop = False
+        while not early_stop and state.epoch < config.num_train_epochs and state.step < self.total_steps:
+            steps = self._epoch_steps(state.epoch)
+            for batches in self._prefetch(steps[state.step_in_epoch:]):
+                loss = self.train_step(batches)
+                state.step += 1
+                state.step_in_epoch += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr(state.step - 1):.2e}")
+                if state.step % config.log_interval == 0 or state.step == self.total_steps:
+                    self.log_train()
+                early_stop = self.after_step()
+                if early_stop or state.step >= self.total_steps:
+                    break
+            if state.step_in_epoch == len(steps) and not early_stop:
+                early_stop = self.end_epoch()
+        progress.close()
+        self.result.final_checkpoint = self.save(f"checkpoint-{state.step}", only_if_missing=True)
+        self.logger.close()
+        return self.result
+
+    def _prefetch(self, steps: list[list[np.ndarray]]):
+        """Collated micro-batches grouped per optimizer step (DataLoader workers when num_workers > 0)."""
+        flat = [rows for step in steps for rows in step]
+        loader = torch.utils.data.DataLoader(self.reader, sampler=flat, batch_size=None, collate_fn=_identity,
+                                             num_workers=self.config.num_workers,
+                                             generator=torch.Generator().manual_seed(self.config.seed))
+        iterator = iter(loader)
+        for step in steps:
+            yield [next(iterator) for _ in step]
+
+    def _lr(self, step: int) -> float:
+        c = self.config
+        return learning_rate(step, kind=c.lr_scheduler_type, peak=c.learning_rate, total_steps=self.total_steps,
+                             warmup_steps=c.num_warmup_steps, min_lr=c.min_lr)
+
+    def train_step(self, batches: list[Batch]) -> float:
+        """One optimizer update over the step's micro-batches; a non-finite loss skips the update."""
+        config, state = self.config, self.state
+        self.runner.train()
+        counts = StepCounts.of(batches, self.num_tasks)
+        counts = StepCounts(*self.env.all_reduce_sum(torch.stack([counts.tokens, counts.samples])))
+        step_totals = TaskTotals.zeros(self.num_tasks)
+        loss = accumulate_gradients(self.runner, batches, counts, config.weighted_loss_mode, self.task_weights,
+                                    self.env, step_totals, self.autocast)
+        self.interval.tokens += sum(b.num_tokens for b in batches)
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            state.nonfinite_in_row += 1
+            state.nonfinite_total += 1
+            self.logger.log("train", state.step + 1, {"nonfinite_loss_skipped": state.nonfinite_total})
+            if state.nonfinite_in_row >= config.max_nonfinite_steps:
+                raise TrainingError(f"the loss was NaN or infinite for {state.nonfinite_in_row} steps in a row "
+                                    f"(at step {state.step + 1}); lower learning_rate or check the data")
+            return loss
+        state.nonfinite_in_row = 0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(state.step)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = config.max_grad_norm if config.max_grad_norm else float("inf")
+        self.interval.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.interval.totals.merge(TaskTotals.from_tensor(self.env.all_reduce_sum(step_totals.as_tensor())))
+        self.interval.losses.append(loss)
+        self.result.step_losses.append(loss)
+        return loss
+
+    def log_train(self) -> None:
+        interval, elapsed = self.interval, time.perf_counter() - self.interval.started
+        metrics = {"loss": float(np.mean(interval.losses)) if interval.losses else float("nan")}
+        metrics.update({f"loss/{n}": float(v) for n, v in zip(self.task_names, interval.totals.per_task_loss())
+                        if not math.isnan(v)})  # a task absent from the interval has no loss to show
+        metrics.update({"lr": self._lr(self.state.step - 1), "grad_norm": interval.grad_norm,
+                        "tokens_per_s": interval.tokens * self.env.world_size / max(elapsed, 1e-9),
+                        "epoch": self.state.epoch + self.state.step_in_epoch / max(1, self.steps_per_epoch)})
+        self.logger.log("train", self.state.step, metrics)
+        self.interval = Interval(TaskTotals.zeros(self.num_tasks))
+
+    def after_step(self) -> bool:
+        """Evaluation and checkpoint after an optimizer step; True means stop early."""
+        config, state = self.config, self.state
+        if "steps" in config.evaluation_strategy and state.step % config.evaluation_steps == 0:
+            self.evaluate()
+        if "steps" in config.save_strategy and state.step % config.checkpointing_steps == 0:
+            self.save(f"checkpoint-{state.step}")
+        return self._early_stop()
+
+    def end_epoch(self) -> bool:
+        config, state = self.config, self.state
+        if "epoch" in config.evaluation_strategy:
+            self.evaluate()
+        state.epoch += 1
+        state.step_in_epoch = 0
+        if "epoch" in config.save_strategy:
+            self.save(f"checkpoint-{state.step}")
+        if config.extra_save_by_epoch:
+            self.save(f"checkpoint-epoch-{state.epoch}")
+        return self._early_stop()
+
+    def _early_stop(self) -> bool:
+        patience = self.config.early_stopping_patience
+        if patience > 0 and self.state.evals_without_improvement >= patience:
+            if self.env.is_main:
+                tqdm.write(f"early stopping: {patience} evaluations without improvement of "
+                           f"{self.config.metric_for_best_model} (best {self.state.best_metric:.4f})")
+            return True
+        return False
+
+    # --- evaluation and checkpoints -------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, record: bool = True) -> dict | None:
+        """Validation loss overall (the training objective over the whole split) and per task (token mean)."""
+        config, state = self.config, self.state
+        rows = np.concatenate([np.stack([np.full(len(t.valid), t.task.id), t.valid], axis=1)
+                               for t in self.data.per_task]).astype(np.int64)
+        if len(rows) == 0:
+            return None
+        batches = micro_batches(rows, config.per_device_valid_batch_size, self.env.rank, self.env.world_size)
+        if config.valid_iters:
+            batches = batches[:config.valid_iters]
+        self.runner.eval()
+        totals = TaskTotals.zeros(self.num_tasks)
+        for rows_of_batch in batches:
+            if len(rows_of_batch):
+                batch = self.reader[rows_of_batch].to(self.env.device)
+                with self.autocast:
+                    totals.add(batch, self.runner(batch))
+        self.runner.train()
+        totals = TaskTotals.from_tensor(self.env.all_reduce_sum(totals.as_tensor()))
+        metrics = {"loss": totals.objective(config.weighted_loss_mode, self.task_weights)}
+        metrics.update({f"loss/{n}": float(v) for n, v in zip(self.task_names, totals.per_task_loss())})
+        self.logger.log("eval", state.step, metrics)
+        self.result.evaluations.append({"step": state.step, **metrics})
+        if record:
+            self._track_best(metrics)
+        return metrics
+
+    def _track_best(self, metrics: dict) -> None:
+        state, config = self.state, self.config
+        key = config.metric_for_best_model
+        if key not in metrics:
+            raise ConfigError(f"metric_for_best_model: {key!r} is not a validation metric; "
+                              f"choose from {', '.join(metrics)}")
+        value = metrics[key]
+        better = state.best_metric is None or (value > state.best_metric if config.greater_is_better
+                                               else value < state.best_metric)
+        if better:
+            state.best_metric = value
+            state.evals_without_improvement = 0
+        else:
+            state.evals_without_improvement += 1
+        state.last_eval = {"step": state.step, "metric": value, "improved": better}
+
+    def save(self, name: str, only_if_missing: bool = False) -> Path:
+        """Save a checkpoint (main process), record its metric, and apply save_total_limit."""
+        state, path = self.state, self.output_dir / name
+        if only_if_missing and ckpt.is_complete(path):
+            return path
+        if state.last_eval and state.last_eval["step"] == state.step and ckpt.STEP_NAME.match(name):
+            state.checkpoint_metrics[name] = state.last_eval["metric"]
+            if state.last_eval["improved"]:
+                state.best_checkpoint = name
+        if self.env.is_main:
+            ckpt.save_checkpoint(self.output_dir, name, self.model, self.tokenizer, self.optimizer, state,
+                                 to_dict(self.config))
+            ckpt.apply_retention(self.output_dir, self.config.save_total_limit, state.best_checkpoint)
+        self.env.barrier()
+        return path
+
+
+def _identity(x):
+    return x
+
+
+def train(config: Config) -> RunResult:
+    """Run `mftcoder train` for a validated config (single process or one rank under torchrun)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is enough; saving shards is quick
+    env = init_distributed()
+    try:
+        if config.dp is not None and config.dp != env.world_size:
+            raise ConfigError(f"dp: set to {config.dp} but {env.world_size} process(es) are running; "
+                              "launch with torchrun --nproc_per_node=DP")
+        trainer = Trainer(config, env)
+        trainer.resume()
+        return trainer.run()
+    finally:
+        shutdown(env)
+

@@ -1,0 +1,56 @@
+"""Where metrics go: a console line, a JSONL file and TensorBoard scalars (main process only)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def format_line(split: str, step: int, metrics: dict[str, float]) -> str:
+    """'train step 10 | loss 5.1234 | loss/taskA 5.0000 | lr 1.00e-04 | ...' for the console."""
+    parts = [f"{split} step {step}"]
+    for key, value in metrics.items():
+        if isinstance(value, float) and (key == "lr" or (abs(value) < 1e-3 and value != 0)):
+            parts.append(f"{key} {value:.3e}")
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.4f}")
+        else:
+            parts.append(f"{key} {value}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Writes every metric record to output_dir/metrics.jsonl and TensorBoard; prints a line for each."""
+
+    def __init__(self, output_dir: Path, tensorboard_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def log(self, split: str, step: int, metrics: dict[str, float], echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        record = {"split": split, "step": step, **{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                                   for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+        self.writer.flush()
+        if echo:
+            tqdm.write(format_line(split, step, metrics))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.writer.close()

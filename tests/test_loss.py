@@ -1,0 +1,100 @@
+"""Loss modes against hand-computed values; step-level normalization; supervised-only logits = plain logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mftcoder.data.batching import Batch
+from mftcoder.loss import StepCounts, SupervisedLM, TaskTotals, token_coefficients
+
+
+def make_batch(samples: list[tuple[int, list[float]]]) -> tuple[Batch, torch.Tensor]:
+    """A right-padded batch of (task, token losses) samples; positions 0 and the pad are unsupervised."""
+    width = max(len(losses) for _, losses in samples) + 2
+    size = len(samples)
+    loss_mask = torch.zeros(size, width, dtype=torch.bool)
+    token_task = torch.zeros(size, width, dtype=torch.long)
+    values = torch.zeros(size, width)
+    for row, (task, losses) in enumerate(samples):
+        loss_mask[row, 1:1 + len(losses)] = True
+        token_task[row] = task
+        values[row, 1:1 + len(losses)] = torch.tensor(losses)
+    ids = torch.zeros(size, width, dtype=torch.long)
+    token_sample = torch.arange(size).unsqueeze(1).expand(size, width).contiguous()
+    batch = Batch(ids, torch.ones_like(ids), ids, loss_mask, token_task, token_sample)
+    return batch, values[loss_mask]
+
+
+# Task 0: sample A = [1, 2, 3], sample B = [4]; task 1 (a single sample): C = [10, 20].
+A, B, C = (0, [1.0, 2.0, 3.0]), (0, [4.0]), (1, [10.0, 20.0])
+HAND = {
+    # mode: (no weights, task_weights [1, 3])
+    "case1": (40 / 6, 40 / 6),                      # all tokens: 40 / 6
+    "case2": ((2 + 4 + 15) / 3, (2 + 4 + 15) / 3),  # sample means 2, 4, 15
+    "case3": ((2.5 + 15) / 2, (1 * 2.5 + 3 * 15) / 4),  # task token means 10/4 and 30/2
+    "case4": ((3 + 15) / 2, (1 * 3 + 3 * 15) / 4),      # task means of sample means (2+4)/2 and 15
+}
+
+
+def step_loss(batches_and_losses, mode, weights, num_tasks):
+    counts = StepCounts.of([b for b, _ in batches_and_losses], num_tasks)
+    return sum(float((l.double() * token_coefficients(b, mode, counts, weights)).sum()) for b, l in batches_and_losses)
+
+
+@pytest.mark.parametrize("mode", list(HAND))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_each_mode_matches_the_hand_computed_value(mode, weighted):
+    weights = torch.tensor([1.0, 3.0]) if weighted else torch.ones(2)
+    expected = HAND[mode][weighted]
+    one_batch = [make_batch([A, B, C])]
+    assert step_loss(one_batch, mode, weights, 2) == pytest.approx(expected, abs=1e-12)
+    # The same samples split over two micro-batches of one step give the same loss.
+    split = [make_batch([A, C]), make_batch([B])]
+    assert step_loss(split, mode, weights, 2) == pytest.approx(expected, abs=1e-12)
+    # The objective computed from accumulated totals (used for validation) agrees.
+    totals = TaskTotals.zeros(2)
+    for batch, losses in split:
+        totals.add(batch, losses)
+    assert totals.objective(mode, weights) == pytest.approx(expected, abs=1e-12)
+    assert totals.per_task_loss().tolist() == pytest.approx([2.5, 15.0])
+
+
+@pytest.mark.parametrize("mode", ["case3", "case4"])
+def test_absent_tasks_do_not_dilute_the_weighted_mean(mode):
+    weights = torch.tensor([1.0, 3.0, 100.0])  # task 2 has no sample in this step
+    assert step_loss([make_batch([A, B, C])], mode, weights, 3) == pytest.approx(HAND[mode][True], abs=1e-12)
+
+
+def test_only_zero_weight_tasks_in_a_step_give_zero_loss():
+    assert step_loss([make_batch([A, B])], "case3", torch.tensor([0.0, 1.0]), 2) == 0.0
+
+
+def test_supervised_only_loss_equals_plain_logits_loss_and_gradients():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64)
+    model = GPTNeoXForCausalLM(config)
+    ids = torch.randint(0, 300, (3, 12))
+    attention = torch.ones_like(ids)
+    attention[2, 9:] = 0
+    loss_mask = torch.rand(3, 12) > 0.4
+    loss_mask[:, -1] = False
+    loss_mask[2, 8:] = False
+    targets = torch.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    batch = Batch(ids, attention, targets, loss_mask, torch.zeros_like(ids),
+                  torch.arange(3).unsqueeze(1).expand(3, 12).contiguous())
+    ours = SupervisedLM(model, chunk_tokens=5)(batch)  # several chunks
+    ours.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    plain = F.cross_entropy(logits[loss_mask], targets[loss_mask], reduction="none")
+    plain.sum().backward()
+    assert torch.allclose(ours, plain, atol=1e-5, rtol=1e-5)
+    for name, param in model.named_parameters():
+        assert torch.allclose(grads[name], param.grad, atol=1e-5, rtol=1e-4), name

@@ -1,0 +1,180 @@
+"""`mftcoder train` end to end on the tiny model: checkpoints, resume, retention, early stopping, logs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mftcoder.config import build_config
+from mftcoder.model import DEMO_DATA
+from mftcoder.train import checkpoint as ckpt
+from mftcoder.train.loop import Trainer, TrainingError, train
+from mftcoder.train.distributed import DistEnv
+
+
+@pytest.fixture(scope="session")
+def small_tasks(tmp_path_factory):
+    """Three tasks of 20 short demo records each, and a shared tokenized-data cache."""
+    root = tmp_path_factory.mktemp("tasks")
+    for task_dir in sorted(p for p in DEMO_DATA.iterdir() if p.is_dir()):
+        lines = (task_dir / "train.jsonl").read_text().splitlines()
+        shortest = sorted(lines, key=len)[:20]
+        (root / task_dir.name).mkdir()
+        (root / task_dir.name / "train.jsonl").write_text("\n".join(shortest) + "\n")
+    return {"data_paths": [str(p) for p in sorted(root.iterdir())], "data_cache_dir": str(root / ".cache")}
+
+
+def make_config(small_tasks, output_dir, **overrides):
+    values = {**small_tasks, "model_config": "tiny-test", "output_dir": str(output_dir), "seq_length": 96,
+              "per_device_train_batch_size": 2, "learning_rate": 2e-3, "max_steps": 6, "log_interval": 1,
+              "evaluation_steps": 2, "checkpointing_steps": 2, "data_split": "80,20,0", "num_warmup_steps": 1,
+              "evaluate_before_training": False, "per_device_valid_batch_size": 6, **overrides}
+    return build_config(values)[0]
+
+
+def weights_of(checkpoint):
+    name = "adapter_model.safetensors" if (checkpoint / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(checkpoint / name)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_reproduces_the_uninterrupted_run(small_tasks, tmp_path, lora):
+    extra = {"peft_type": "lora", "lora_dropout": 0.1, "learning_rate": 1e-2} if lora else {}
+    extra.update(gradient_accumulation_steps=2, checkpointing_steps=3, evaluation_steps=3)
+    full = train(make_config(small_tasks, tmp_path / "full", **extra))
+    assert len(full.step_losses) == 6
+    # A run that stopped after step 3 leaves exactly checkpoint-3; resume it elsewhere.
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    resumed = train(make_config(small_tasks, tmp_path / "resumed", resume_from_checkpoint="auto", **extra))
+    assert resumed.step_losses == full.step_losses[3:]  # bitwise: same floats
+    final_full, final_resumed = weights_of(full.final_checkpoint), weights_of(resumed.final_checkpoint)
+    assert final_full.keys() == final_resumed.keys()
+    assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
+    assert resumed.state.step == 6 and resumed.state.best_checkpoint == full.state.best_checkpoint
+    if lora:
+        assert (full.final_checkpoint / "adapter_config.json").exists()
+        assert not (full.final_checkpoint / "model.safetensors").exists()
+
+
+def test_full_checkpoint_is_a_loadable_hf_model_with_the_chat_template(small_tasks, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = train(make_config(small_tasks, tmp_path, max_steps=2))
+    path = result.final_checkpoint
+    assert path.name == "checkpoint-2"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.chat_template.startswith("{%- for message in messages")
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|endoftext|>", "<|padding|>")
+    assert model.config.pad_token_id == 1 and model.config.eos_token_id == 0
+    saved = load_file(path / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
+    assert (path / "resume" / "optimizer.pt").exists() and (path / ckpt.STATE_FILE).exists()
+
+
+def test_retention_keeps_best_and_newest_and_survives_a_restart(small_tasks, tmp_path):
+    # greater_is_better on a falling loss makes the first checkpoint the best: best != newest.
+    common = dict(evaluation_steps=1, checkpointing_steps=1, save_total_limit=2, greater_is_better=True,
+                  extra_save_by_epoch=True, max_steps=-1, num_train_epochs=1)
+    first = train(make_config(small_tasks, tmp_path, **common, per_device_train_batch_size=12))
+    steps = first.state.step
+    assert steps == 4  # 48 training samples / 12
+    evals = {e["step"]: e["loss"] for e in first.evaluations}
+    assert first.state.best_checkpoint == f"checkpoint-{max(evals, key=evals.get)}" == "checkpoint-1"
+    survivors = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint"))
+    assert survivors == ["checkpoint-1", "checkpoint-4", "checkpoint-epoch-1"]
+    # Restart with a second epoch: the best is remembered from trainer_state.json.
+    second = train(make_config(small_tasks, tmp_path, **{**common, "num_train_epochs": 2}, per_device_train_batch_size=12,
+                               resume_from_checkpoint="auto"))
+    assert second.state.step == 8
+    survivors = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint"))
+    assert survivors == ["checkpoint-1", "checkpoint-8", "checkpoint-epoch-1", "checkpoint-epoch-2"]
+
+
+def test_retention_unit(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / ckpt.STATE_FILE).write_text(ckpt.TrainerState(step=step).to_json())
+    (tmp_path / "checkpoint-epoch-1").mkdir()
+    assert ckpt.apply_retention(tmp_path, 3, "checkpoint-2") == ["checkpoint-3", "checkpoint-1"]
+    assert ckpt.apply_retention(tmp_path, 1, "checkpoint-2") == ["checkpoint-4"]  # best and newest both stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-5", "checkpoint-epoch-1"]
+
+
+def test_early_stopping_after_exactly_patience_evaluations(small_tasks, tmp_path):
+    # With greater_is_better on a falling loss, every evaluation after the first fails to improve.
+    result = train(make_config(small_tasks, tmp_path, evaluation_steps=1, early_stopping_patience=2,
+                               greater_is_better=True, max_steps=20, evaluate_before_training=True))
+    recorded = [e for e in result.evaluations if e["step"] > 0]
+    assert [e["step"] for e in recorded] == [1, 2, 3]
+    assert result.state.step == 3 and result.state.evals_without_improvement == 2
+    assert result.final_checkpoint.name == "checkpoint-3"
+
+
+def test_a_killed_save_leaves_nothing_resume_would_pick(small_tasks, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = ckpt.write_resume_state
+
+    def crash_on_second_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "write_resume_state", crash_on_second_save)
+    with pytest.raises(OSError, match="simulated"):
+        train(make_config(small_tasks, tmp_path))
+    assert (tmp_path / ".checkpoint-4.tmp" / "model.safetensors").exists()  # half-written
+    assert ckpt.find_latest(tmp_path) == tmp_path / "checkpoint-2"
+    monkeypatch.setattr(ckpt, "write_resume_state", original)
+    result = train(make_config(small_tasks, tmp_path, resume_from_checkpoint="auto"))
+    assert result.state.step == 6 and len(result.step_losses) == 4
+    assert not (tmp_path / ".checkpoint-4.tmp").exists()
+
+
+def test_tensorboard_and_jsonl_hold_per_task_scalars(small_tasks, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(make_config(small_tasks, tmp_path, max_steps=4, tensorboard_dir=str(tmp_path / "tb")))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    tasks = ["code_docstring", "code_generation", "code_multiturn"]
+    for split in ("train", "eval"):
+        assert {f"{split}/loss/{t}" for t in tasks} | {f"{split}/loss"} <= tags
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for split in ("train", "eval"):
+        for key in ["loss"] + [f"loss/{t}" for t in tasks]:
+            logged = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+            scalars = [(e.step, e.value) for e in events.Scalars(f"{split}/{key}")]
+            assert len(logged) == len(scalars) > 0
+            assert [s for s, _ in scalars] == [s for s, _ in logged]
+            assert [v for _, v in scalars] == pytest.approx([v for _, v in logged])
+
+
+def test_nonfinite_loss_skips_updates_and_stops(small_tasks, tmp_path):
+    trainer = Trainer(make_config(small_tasks, tmp_path, max_nonfinite_steps=2), DistEnv())
+    with torch.no_grad():
+        trainer.model.get_output_embeddings().weight[5, 0] = float("nan")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(TrainingError, match="NaN or infinite for 2 steps in a row"):
+        trainer.run()
+    assert trainer.state.nonfinite_total == 2
+    assert trainer.state.step == 1  # a skipped update still counts as a step (data and schedule move on)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
+
+
+def test_validation_loss_falls_per_task(small_tasks, tmp_path):
+    result = train(make_config(small_tasks, tmp_path, evaluate_before_training=True, max_steps=10,
+                               evaluation_steps=10, per_device_train_batch_size=4, learning_rate=5e-3))
+    start, end = result.evaluations[0], result.evaluations[-1]
+    for task in ("code_docstring", "code_generation", "code_multiturn"):
+        assert end[f"loss/{task}"] < start[f"loss/{task}"] - 1.0
