@@ -1,10 +1,11 @@
-"""The `mftcoder` command: train, config show, data check."""
+"""The `mftcoder` command: train, data check, config show, merge, generate, chat."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from mftcoder.config import Config, ConfigError, describe, load_config
 from mftcoder.data.records import DataError
@@ -62,6 +63,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling(args: argparse.Namespace):
+    from mftcoder.infer import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                    num_beams=args.num_beams, num_return_sequences=args.num_return_sequences, seed=args.seed)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mftcoder.merge import merge
+
+    out = merge(Path(args.base), Path(args.adapter), Path(args.out), args.max_shard_size, args.trust_remote_code)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mftcoder.infer import generate_file, load
+
+    model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
+    count = generate_file(model, tokenizer, Path(args.input), Path(args.output), _sampling(args), args.batch_size)
+    print(f"{count} record(s) written to {args.output}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from mftcoder.infer import chat, load
+
+    model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
+    chat(model, tokenizer, _sampling(args), system=args.system)
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", required=True, help="a Hugging Face model directory (a checkpoint or merged model)")
+    p.add_argument("--adapter", help="a LoRA checkpoint to apply on top of --model")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model directory")
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--do_sample", action="store_true", help="sample (else greedy or beam search)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--num_return_sequences", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mftcoder", description="Multi-task fine-tuning for code LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     with_config(commands.add_parser("train", help="multi-task fine-tuning, full or LoRA")).set_defaults(func=cmd_train)
+    merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model")
+    merge.add_argument("--base", "--base_model_or_path", required=True, help="the base model directory")
+    merge.add_argument("--adapter", "--adaptor_path", required=True, help="the LoRA checkpoint directory")
+    merge.add_argument("--out", "--merged_output_path", required=True, help="where to write the merged model")
+    merge.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (e.g. 2GB)")
+    merge.add_argument("--trust_remote_code", action="store_true")
+    merge.set_defaults(func=cmd_merge)
+    generate = _model_args(commands.add_parser("generate", help="batched generation for a JSONL file of prompts"))
+    generate.add_argument("--input", required=True, help="JSONL: chat_rounds ending with a human turn, or prompt")
+    generate.add_argument("--output", required=True, help="JSONL: each input record plus its generations")
+    generate.add_argument("--batch_size", type=int, default=8)
+    generate.set_defaults(func=cmd_generate)
+    chat = _model_args(commands.add_parser("chat", help="interactive multi-turn chat in the terminal"))
+    chat.add_argument("--system", help="a system prompt")
+    chat.set_defaults(func=cmd_chat)
     config = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     with_config(config.add_parser("show", help="print the resolved config with help text")).set_defaults(
         func=cmd_config_show)

@@ -64,10 +64,9 @@ def read_model_config(name_or_path: str) -> dict:
     return json.loads(model_config_path(name_or_path).read_text())
 
 
-def build_model(config: Config, tokenizer, full_weights: Path | None = None):
-    """The model to train: a local HF model, or a random-initialised one from a config (seeded).
-    `full_weights` (a full checkpoint being resumed) replaces either. LoRA and activation checkpointing
-    are applied as configured."""
+def load_base_model(config: Config, tokenizer, full_weights: Path | None = None):
+    """The model to fine-tune: a local HF model, or a random-initialised one from a config (seeded).
+    `full_weights` (a full checkpoint being resumed) replaces either."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -97,11 +96,21 @@ def build_model(config: Config, tokenizer, full_weights: Path | None = None):
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def prepare_for_training(model, config: Config):
+    """Activation checkpointing and LoRA, as configured."""
     if config.checkpoint_activations:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.peft_type == "lora":
         model = apply_lora(model, config)
     return model
+
+
+def build_model(config: Config, tokenizer, full_weights: Path | None = None):
+    """load_base_model, then prepare_for_training."""
+    return prepare_for_training(load_base_model(config, tokenizer, full_weights), config)
 
 
 def lora_targets(config: Config, family: str) -> list[str] | str:

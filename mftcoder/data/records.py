@@ -47,8 +47,9 @@ def _turn(index: int, item: object) -> Turn:
     return Turn(ROLE_NAMES[role], content)
 
 
-def _check_order(turns: list[Turn]) -> None:
-    """Optional system first, then human and bot alternating, starting with human, ending with bot."""
+def _check_order(turns: list[Turn], prompt_only: bool = False) -> None:
+    """Optional system first, then human and bot alternating, starting with human; a training record ends
+    with a bot turn, a prompt (prompt_only) with the human turn to answer."""
     body = turns[1:] if turns and turns[0].role == "system" else turns
     offset = len(turns) - len(body)
     expected = "human"
@@ -59,14 +60,18 @@ def _check_order(turns: list[Turn]) -> None:
             raise BadRecord(f"chat_rounds[{i + offset}]: expected a {expected} turn, got {turn.role} "
                             "(turns must alternate human, bot, human, bot, ...)")
         expected = "bot" if expected == "human" else "human"
+    if prompt_only:
+        if not body or body[-1].role != "human":
+            raise BadRecord("a prompt must end with a human turn (the one to answer)")
+        return
     if not any(t.role == "bot" for t in body):
         raise BadRecord("no bot turn to learn from")
     if body[-1].role != "bot":
         raise BadRecord("the last turn is a human turn with no bot answer")
 
 
-def parse_record(text: str) -> tuple[Turn, ...]:
-    """One JSONL line -> its turns, or BadRecord with the reason."""
+def parse_json_object(text: str) -> dict:
+    """One JSONL line -> its JSON object, or BadRecord with the reason."""
     if not text.strip():
         raise BadRecord("empty line")
     try:
@@ -77,6 +82,17 @@ def parse_record(text: str) -> tuple[Turn, ...]:
         raise BadRecord("invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_record(text: str) -> tuple[Turn, ...]:
+    """One training JSONL line -> its turns, or BadRecord with the reason."""
+    return record_turns(parse_json_object(text))
+
+
+def record_turns(obj: dict, prompt_only: bool = False) -> tuple[Turn, ...]:
+    """A record's turns from `chat_rounds` or a prompt/answer pair (prompt_only: the answer is not needed
+    and a conversation must end with the human turn to answer)."""
     if "chat_rounds" in obj:
         rounds = obj["chat_rounds"]
         if not isinstance(rounds, list) or not rounds:
@@ -85,7 +101,7 @@ def parse_record(text: str) -> tuple[Turn, ...]:
     elif "prompt" in obj or "answer" in obj:
         turns = []
         for key, role in (("system", "system"), ("prompt", "human"), ("answer", "bot")):
-            if key == "system" and obj.get("system") is None:
+            if (key == "system" and obj.get("system") is None) or (key == "answer" and prompt_only):
                 continue
             if key not in obj:
                 raise BadRecord(f"missing '{key}' (a prompt/answer record needs both)")
@@ -97,7 +113,7 @@ def parse_record(text: str) -> tuple[Turn, ...]:
             turns.append(Turn(role, value))
     else:
         raise BadRecord("missing 'chat_rounds' (or a 'prompt'/'answer' pair)")
-    _check_order(turns)
+    _check_order(turns, prompt_only)
     return tuple(turns)
 
 

@@ -18,7 +18,7 @@ from mftcoder.data.prepare import PreparedData, prepare_data
 from mftcoder.data.tasks import per_task_values
 from mftcoder.data.template import build_template
 from mftcoder.loss import StepCounts, SupervisedLM, TaskTotals, token_coefficients
-from mftcoder.model import build_model, load_tokenizer, parameter_groups
+from mftcoder.model import load_base_model, load_tokenizer, parameter_groups, prepare_for_training
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv, init_distributed, shutdown
 from mftcoder.train.metrics import MetricsLogger
@@ -97,7 +97,10 @@ class Trainer:
         self.sampling_weights = per_task_values("data_weights", config.data_weights, self.data.tasks)
         self.resume_from = self._resume_checkpoint()
         full_weights = self.resume_from if self.resume_from and not ckpt.is_adapter(self.resume_from) else None
-        self.model = build_model(config, self.tokenizer, full_weights).to(env.device)
+        base = load_base_model(config, self.tokenizer, full_weights)
+        if config.peft_type and not config.pretrained_model_path and env.is_main:
+            save_random_base(base, self.tokenizer, self.output_dir / "base-model")
+        self.model = prepare_for_training(base, config).to(env.device)
         self.runner = self._wrap(SupervisedLM(self.model))
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.weight_decay), lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
@@ -341,6 +344,16 @@ class Trainer:
             ckpt.apply_retention(self.output_dir, self.config.save_total_limit, state.best_checkpoint)
         self.env.barrier()
         return path
+
+
+def save_random_base(model: torch.nn.Module, tokenizer, directory: Path) -> None:
+    """A LoRA run on a random-initialised model keeps its base on disk, so the adapter can be merged later."""
+    if directory.exists():
+        return
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(directory)
 
 
 def _identity(x):

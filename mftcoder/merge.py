@@ -1,0 +1,78 @@
+"""Fold a LoRA adapter into its base model and write a standard Hugging Face model directory."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mftcoder.data.records import DataError
+
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
+
+
+class AdapterMismatch(DataError):
+    """The adapter was not trained on this base model."""
+
+
+def check_adapter_fits(base: torch.nn.Module, adapter_dir: Path) -> None:
+    """Every LoRA matrix must sit on a linear layer of the base with matching in/out features."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file() or not (adapter_dir / "adapter_config.json").is_file():
+        raise AdapterMismatch(f"{adapter_dir}: not a PEFT adapter (adapter_config.json and "
+                              "adapter_model.safetensors expected)")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterMismatch(f"{adapter_dir}: a {config['peft_type']} adapter; only LoRA can be merged")
+    modules = dict(base.named_modules())
+    problems = []
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():
+            match = LORA_KEY.match(key)
+            if not match:
+                continue
+            name, part, shape = match["module"], match["part"], f.get_slice(key).get_shape()
+            module = modules.get(name)
+            if module is None:
+                problems.append(f"the adapter has weights for '{name}', which this base model does not have")
+                continue
+            expected = getattr(module, "in_features" if part == "A" else "out_features", None)
+            actual = shape[1] if part == "A" else shape[0]
+            if expected != actual:
+                side = "input" if part == "A" else "output"
+                problems.append(f"'{name}': the adapter expects {side} size {actual}, the base has {expected}")
+    if problems:
+        arch = getattr(base.config, "model_type", "?")
+        raise AdapterMismatch(f"{adapter_dir} does not belong to this base model ({arch}): "
+                              + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
+
+
+def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_size: str = "5GB",
+          trust_remote_code: bool = False) -> Path:
+    """Load the base (in its own dtype), check and apply the adapter, merge in place, save with the
+    training tokenizer (chat template, EOS, pad). Peak memory stays near one copy of the weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for path, what in ((base_dir, "base model"), (adapter_dir, "adapter")):
+        if not path.is_dir():
+            raise DataError(f"{path}: {what} folder does not exist")
+    if not (base_dir / "config.json").is_file():
+        raise DataError(f"{base_dir}: not a Hugging Face model directory (no config.json)")
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto", trust_remote_code=trust_remote_code)
+    check_adapter_fits(base, adapter_dir)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    merged.config.eos_token_id = tokenizer.eos_token_id
+    merged.config.pad_token_id = tokenizer.pad_token_id
+    if merged.generation_config is not None:
+        merged.generation_config.eos_token_id = tokenizer.eos_token_id
+        merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir

@@ -1,0 +1,192 @@
+"""Use the trained model: merge, prompts equal to training, memorized answers, batched == single, chat."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mftcoder.cli import main
+from mftcoder.config import build_config
+from mftcoder.data.records import parse_record
+from mftcoder.data.tokenize import encode_conversations
+from mftcoder.infer import Sampling, generate, load, prompt_ids
+from mftcoder.model import DEMO_DATA
+from mftcoder.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def short_docstring_records(count: int) -> list[dict]:
+    records = [json.loads(line) for line in (DEMO_DATA / "code_docstring" / "train.jsonl").read_text().splitlines()]
+    short = [r for r in records if len(r["chat_rounds"][-1]["content"]) < 60 and len(r["chat_rounds"][-2]["content"]) < 200]
+    return short[:count]
+
+
+@pytest.fixture(scope="module")
+def memorized(tmp_path_factory):
+    """The tiny model trained until it has memorized four short demo samples (60 steps)."""
+    root = tmp_path_factory.mktemp("memorized")
+    records = short_docstring_records(4)
+    (root / "task").mkdir()
+    (root / "task" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config, _ = build_config({"data_paths": [str(root / "task")], "model_config": "tiny-test", "seq_length": 256,
+                              "output_dir": str(root / "out"), "per_device_train_batch_size": 4,
+                              "learning_rate": 3e-3, "lr_scheduler_type": "constant", "num_warmup_steps": 5,
+                              "max_steps": 60, "num_train_epochs": 100, "evaluation_strategy": "no",
+                              "data_split": "1,0,0", "checkpointing_steps": 1000, "data_cache_dir": str(root / "c")})
+    result = train(config)
+    assert result.step_losses[-1] < 0.05
+    return result.final_checkpoint, records
+
+
+def test_memorized_answers_come_back_and_stop_at_eos(memorized, tmp_path):
+    checkpoint, records = memorized
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"chat_rounds": r["chat_rounds"][:-1], "id": i}) + "\n"
+                               for i, r in enumerate(records)))
+    assert main(["generate", "--model", str(checkpoint), "--input", str(prompts), "--output",
+                 str(tmp_path / "out.jsonl"), "--max_new_tokens", "60", "--batch_size", "3"]) == 0
+    outputs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["id"] for o in outputs] == [0, 1, 2, 3]
+    assert [o["generations"] for o in outputs] == [[r["chat_rounds"][-1]["content"]] for r in records]
+
+
+def test_batched_left_padding_equals_one_by_one(memorized):
+    checkpoint, records = memorized
+    model, tokenizer = load(checkpoint)
+    other = [json.loads(line) for line in (DEMO_DATA / "code_generation" / "train.jsonl").read_text().splitlines()[:4]]
+    conversations = [parse_record(json.dumps(r))[:-1] for r in records + other]
+    prompts = [prompt_ids(tokenizer, turns) for turns in conversations]
+    assert len({len(p) for p in prompts}) > 3  # really different lengths, so padding matters
+    sampling = Sampling(max_new_tokens=24)
+    batched = generate(model, tokenizer, prompts, sampling, batch_size=8)
+    single = [generate(model, tokenizer, [p], sampling)[0] for p in prompts]
+    assert batched == single
+
+
+def test_generate_prompt_is_the_training_prefix(memorized):
+    checkpoint, records = memorized
+    _, tokenizer = load(checkpoint)
+    from mftcoder.data.template import build_template
+
+    template = build_template("mftcoder")
+    for record in records:
+        turns = parse_record(json.dumps(record))
+        prompt = prompt_ids(tokenizer, turns[:-1])
+        (train_ids, mask), = encode_conversations(tokenizer, template, [turns])
+        first_supervised = int(mask.argmax())
+        assert prompt == train_ids[:first_supervised].tolist()
+        assert prompt == tokenizer.apply_chat_template([{"role": t.role, "content": t.content} for t in turns[:-1]],
+                                                       add_generation_prompt=True, return_dict=False)
+
+
+def test_plain_prompts_and_bad_prompt_files(memorized, tmp_path, capsys):
+    checkpoint, records = memorized
+    good = tmp_path / "plain.jsonl"
+    good.write_text(json.dumps({"prompt": records[0]["chat_rounds"][0]["content"]}) + "\n")
+    assert main(["generate", "--model", str(checkpoint), "--input", str(good), "--output", str(tmp_path / "o.jsonl"),
+                 "--max_new_tokens", "40", "--num_return_sequences", "2", "--do_sample", "--temperature", "0.01"]) == 0
+    (out,) = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert out["generations"] == [records[0]["chat_rounds"][-1]["content"]] * 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"chat_rounds": [{"role": "human", "content": "q"}, {"role": "bot", "content": "a"}]}\n{oops\n')
+    assert main(["generate", "--model", str(checkpoint), "--input", str(bad), "--output", str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: a prompt must end with a human turn" in err and f"{bad}:3: invalid JSON" in err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def read_until(fd: int, pattern: str, timeout: float = 120.0) -> str:
+    text, deadline = "", time.time() + timeout
+    while pattern not in text:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
+        if not ready:
+            raise TimeoutError(f"waited for {pattern!r}; got {text[-500:]!r}")
+        try:
+            text += os.read(fd, 4096).decode(errors="replace")
+        except OSError:
+            break
+    return text
+
+
+def test_chat_in_a_pseudo_terminal(memorized):
+    checkpoint, records = memorized
+    question, answer = records[0]["chat_rounds"][0]["content"], records[0]["chat_rounds"][-1]["content"]
+    typed = question.replace("\n", "\\\n") + "\n"  # continuation lines end with a backslash
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "mftcoder", "chat", "--model", str(checkpoint),
+                                "--max_new_tokens", "40"], stdin=follower, stdout=follower, stderr=follower, cwd=ROOT)
+    os.close(follower)
+    try:
+        read_until(leader, ">>> ")
+        os.write(leader, typed.encode())
+        first = read_until(leader, ">>> ")
+        assert answer in first  # streamed
+        os.write(leader, b"And in one word?\n")
+        read_until(leader, ">>> ")
+        os.write(leader, b"/reset\n")
+        assert "(conversation cleared)" in read_until(leader, ">>> ")
+        os.write(leader, typed.encode())
+        again = read_until(leader, ">>> ")
+        assert answer in again  # the history is gone: the same prompt gives the same greedy answer
+        os.write(leader, b"/quit\n")
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        os.close(leader)
+
+
+def test_lora_merge_equals_base_plus_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config, _ = build_config({"data_paths": [str(DEMO_DATA / "code_docstring")], "model_config": "tiny-test",
+                              "peft_type": "lora", "learning_rate": 2e-2, "max_steps": 3, "seq_length": 64,
+                              "per_device_train_batch_size": 2, "evaluation_strategy": "no",
+                              "output_dir": str(tmp_path / "run"), "data_cache_dir": str(tmp_path / "c")})
+    adapter = train(config).final_checkpoint
+    base = tmp_path / "run" / "base-model"
+    assert main(["merge", "--base_model_or_path", str(base), "--adaptor_path", str(adapter),
+                 "--merged_output_path", str(tmp_path / "merged"), "--max_shard_size", "20MB"]) == 0
+    assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) > 1  # sharded
+    ids = torch.randint(0, 50000, (2, 17))
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()(ids).logits
+        plain_base = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
+    assert (reference - plain_base).abs().max() > 1e-3  # the adapter changes the model
+    # Loading the merged directory needs nothing from mftcoder.
+    script = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+              f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r}).eval();"
+              f"t = AutoTokenizer.from_pretrained({str(tmp_path / 'merged')!r});"
+              "assert t.chat_template and t.eos_token == '<|endoftext|>' and t.pad_token == '<|padding|>';"
+              "assert not any(k.startswith('mftcoder') for k in sys.modules);"
+              f"torch.save(m(torch.tensor({ids.tolist()})).logits, {str(tmp_path / 'logits.pt')!r})")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    merged = torch.load(tmp_path / "logits.pt", weights_only=True)
+    assert torch.allclose(merged, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_refuses_a_mismatched_adapter(tmp_path, capsys):
+    config, _ = build_config({"data_paths": [str(DEMO_DATA / "code_docstring")], "model_config": "tiny-test",
+                              "peft_type": "lora", "max_steps": 1, "seq_length": 48, "evaluation_strategy": "no",
+                              "per_device_train_batch_size": 1, "output_dir": str(tmp_path / "run"),
+                              "data_cache_dir": str(tmp_path / "c")})
+    adapter = train(config).final_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = json.loads((ROOT / "mftcoder" / "assets" / "models" / "tiny-test.json").read_text())
+    values.update(hidden_size=64, intermediate_size=256)  # same architecture, other shapes
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**values)).save_pretrained(tmp_path / "other")
+    assert main(["merge", "--base", str(tmp_path / "other"), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "does not belong to this base model (gpt_neox)" in err and "expects input size 128, the base has 64" in err
+    assert not (tmp_path / "m").exists()
