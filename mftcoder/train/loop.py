@@ -41,6 +41,9 @@ class RunResult:
     state: ckpt.TrainerState
     step_losses: list[float] = field(default_factory=list)  # the objective of each step run in this process
     evaluations: list[dict] = field(default_factory=list)
+    tokens_seen: int = 0  # real (non-pad) input tokens trained on, all ranks
+    supervised_tokens_seen: int = 0  # tokens that carried loss, all ranks
+    train_seconds: float = 0.0  # wall time of the optimizer steps (no evaluation, no saving)
 
 
 def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], counts: StepCounts, mode: str,
@@ -213,6 +216,13 @@ class Trainer:
 
     def train_step(self, batches: list[Batch]) -> float:
         """One optimizer update over the step's micro-batches; a non-finite loss skips the update."""
+        started = time.perf_counter()
+        try:
+            return self._train_step(batches)
+        finally:
+            self.result.train_seconds += time.perf_counter() - started
+
+    def _train_step(self, batches: list[Batch]) -> float:
         config, state = self.config, self.state
         self.runner.train()
         counts = StepCounts.of(batches, self.num_tasks)
@@ -220,7 +230,10 @@ class Trainer:
         step_totals = TaskTotals.zeros(self.num_tasks)
         loss = accumulate_gradients(self.runner, batches, counts, config.weighted_loss_mode, self.task_weights,
                                     self.env, step_totals, self.autocast)
-        self.interval.tokens += sum(b.num_tokens for b in batches)
+        tokens = int(self.env.all_reduce_sum(torch.tensor([sum(b.num_tokens for b in batches)]))[0])
+        self.interval.tokens += tokens
+        self.result.tokens_seen += tokens
+        self.result.supervised_tokens_seen += int(counts.tokens.sum())
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             state.nonfinite_in_row += 1
@@ -249,7 +262,7 @@ class Trainer:
         metrics.update({f"loss/{n}": float(v) for n, v in zip(self.task_names, interval.totals.per_task_loss())
                         if not math.isnan(v)})  # a task absent from the interval has no loss to show
         metrics.update({"lr": self._lr(self.state.step - 1), "grad_norm": interval.grad_norm,
-                        "tokens_per_s": interval.tokens * self.env.world_size / max(elapsed, 1e-9),
+                        "tokens_per_s": interval.tokens / max(elapsed, 1e-9),
                         "epoch": self.state.epoch + self.state.step_in_epoch / max(1, self.steps_per_epoch)})
         self.logger.log("train", self.state.step, metrics)
         self.interval = Interval(TaskTotals.zeros(self.num_tasks))
