@@ -100,7 +100,7 @@ class Config:
     weighted_loss_mode: str = opt("case3", "Multi-task loss: case1 token mean, case2 sample mean, case3 per-task token mean, case4 per-task sample mean.", ("case1", "case2", "case3", "case4"))
     task_weights: list[float] | dict[str, float] = opt([], "Per-task loss weights for case3/case4 (list in task order or {task: w}).")
     max_nonfinite_steps: int = opt(3, "Stop with an error after this many NaN/inf losses in a row (each skips its update).")
-    padding_mode: str = opt("dynamic", "Batch shape: 'dynamic' pads to the longest sample in the batch; 'padding' pads to seq_length (the reference).", ("dynamic", "padding"))
+    padding_mode: str = opt("pack", "Batch shape: 'pack' fills rows of seq_length with whole samples (isolated from each other; per_device_train_batch_size counts rows); 'dynamic' pads to the longest sample of a length-grouped batch; 'padding' pads every sample to seq_length (the reference).", ("pack", "dynamic", "padding"))
     num_workers: int = opt(0, "DataLoader worker processes.")
     seed: int = opt(42, "Seed for splits, sampling order, initialisation and dropout.")
     train_mode: str = opt("sft", "Reference placeholder: only 'sft'.", ("sft",))

@@ -147,8 +147,12 @@ class SupervisedLM(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Per-token cross-entropy (float32) at the batch's supervised positions, in loss_mask order."""
-        hidden = self.body()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             use_cache=False).last_hidden_state
+        if batch.position_ids is not None:  # packed: restarting positions and no mask isolate the samples
+            hidden = self.body()(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                                 use_cache=False).last_hidden_state
+        else:
+            hidden = self.body()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 use_cache=False).last_hidden_state
         selected = hidden[batch.loss_mask]
         targets = batch.targets[batch.loss_mask]
         head = self.head()

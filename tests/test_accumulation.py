@@ -43,8 +43,8 @@ def test_accumulation_equals_one_big_batch(samples, tokenizer, mode):
     config, _ = build_config({"model_config": "tiny-test", "seed": 3})
     model = build_model(config, tokenizer)
     weights = torch.tensor([1.0, 2.0, 0.5])
-    big_loss, big = step_gradients(model, [collate(samples, tokenizer.pad_token_id)], mode, weights)
-    small = [collate(samples[i:i + 2], tokenizer.pad_token_id) for i in range(0, 8, 2)]
+    big_loss, big = step_gradients(model, [collate([[s] for s in samples], tokenizer.pad_token_id)], mode, weights)
+    small = [collate([[s] for s in samples[i:i + 2]], tokenizer.pad_token_id) for i in range(0, 8, 2)]
     small_loss, accumulated = step_gradients(model, small, mode, weights)
     assert small_loss == pytest.approx(big_loss, rel=1e-6)
     for name in big:

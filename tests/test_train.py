@@ -79,7 +79,7 @@ def test_full_checkpoint_is_a_loadable_hf_model_with_the_chat_template(small_tas
 def test_retention_keeps_best_and_newest_and_survives_a_restart(small_tasks, tmp_path):
     # greater_is_better on a falling loss makes the first checkpoint the best: best != newest.
     common = dict(evaluation_steps=1, checkpointing_steps=1, save_total_limit=2, greater_is_better=True,
-                  extra_save_by_epoch=True, max_steps=-1, num_train_epochs=1)
+                  extra_save_by_epoch=True, max_steps=-1, num_train_epochs=1, padding_mode="dynamic")
     first = train(make_config(small_tasks, tmp_path, **common, per_device_train_batch_size=12))
     steps = first.state.step
     assert steps == 4  # 48 training samples / 12

@@ -1,7 +1,8 @@
-"""Epoch order across tasks, micro-batches, and the collator (dynamic padding, labels shifted once)."""
+"""Epoch order across tasks, rows (one sample, or whole samples packed), micro-batches, and the collator."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +10,8 @@ import torch
 
 from mftcoder.data.prepare import TaskSamples
 from mftcoder.data.tasks import task_rng
+
+PACK_WINDOW = 1000  # samples packed together: larger packs tighter, smaller keeps the order more random
 
 
 def epoch_plan(per_task: list[TaskSamples], weights: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -29,27 +32,74 @@ def epoch_plan(per_task: list[TaskSamples], weights: np.ndarray, seed: int, epoc
     return plan[order].astype(np.int64)
 
 
-def micro_batches(plan: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
-    """Split the plan into global micro-batches of batch_size x world_size rows; return this rank's share.
+def plan_lengths(per_task: list[TaskSamples], plan: np.ndarray) -> np.ndarray:
+    """Token length (after truncation) of every (task, record) row of a plan."""
+    lengths = np.zeros(len(plan), dtype=np.int64)
+    for t in per_task:
+        rows = plan[:, 0] == t.task.id
+        lengths[rows] = t.lengths[plan[rows, 1]]
+    return lengths
+
+
+def pack_first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins (lists of indices into lengths) of total length <= capacity: longest first, each into the
+    first bin with room."""
+    bins: list[list[int]] = []
+    room = np.zeros(0, dtype=np.int64)
+    for index in np.argsort(-lengths, kind="stable"):
+        fits = np.flatnonzero(room >= lengths[index])
+        if len(fits):
+            bins[fits[0]].append(int(index))
+            room[fits[0]] -= lengths[index]
+        else:
+            bins.append([int(index)])
+            room = np.append(room, capacity - lengths[index])
+    return bins
+
+
+def arrange_rows(plan: np.ndarray, lengths: np.ndarray, mode: str, seq_length: int, group: int,
+                 rng: np.random.Generator, window: int = PACK_WINDOW) -> list[np.ndarray]:
+    """Turn a shuffled plan into model rows, each an array of (task, record) samples.
+
+    pack: whole samples packed into rows of seq_length (first-fit-decreasing within windows of the plan,
+    then the rows shuffled, so the order stays random); dynamic: one sample per row, similar lengths grouped
+    into runs of `group` rows (sorted within windows, runs shuffled); padding: one sample per row, plan order.
+    """
+    if mode == "padding":
+        return [plan[i:i + 1] for i in range(len(plan))]
+    rows: list[np.ndarray] = []
+    step = window if mode == "pack" else group * 32
+    for start in range(0, len(plan), step):
+        part, part_lengths = plan[start:start + step], lengths[start:start + step]
+        if mode == "pack":
+            chunk = [part[b] for b in pack_first_fit_decreasing(part_lengths, seq_length)]
+            rows += [chunk[i] for i in rng.permutation(len(chunk))]
+        else:
+            order = np.argsort(part_lengths, kind="stable")
+            runs = [order[i:i + group] for i in range(0, len(order), group)]
+            rows += [part[i:i + 1] for run in (runs[k] for k in rng.permutation(len(runs))) for i in run]
+    return rows
+
+
+def micro_batches(rows: list[np.ndarray], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[np.ndarray]]:
+    """Split rows into global micro-batches of batch_size x world_size rows; return this rank's share of each.
 
     Every row lands on exactly one rank; the last global micro-batch may be smaller (a rank may get none).
     """
     global_size = batch_size * world_size
-    out = []
-    for start in range(0, len(plan), global_size):
-        rows = plan[start:start + global_size]
-        out.append(rows[rank::world_size])
-    return out
+    return [rows[start:start + global_size][rank::world_size] for start in range(0, len(rows), global_size)]
 
 
-def optimizer_steps(batches: list[np.ndarray], accumulation: int) -> list[list[np.ndarray]]:
+def optimizer_steps(batches: list, accumulation: int) -> list[list]:
     """Group micro-batches into optimizer steps of `accumulation` each; the last step may be shorter."""
     return [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
 
 
 @dataclass
 class Batch:
-    """A padded micro-batch. targets[b, j] is the token after input_ids[b, j]; loss_mask marks supervised targets."""
+    """A padded micro-batch. targets[b, j] is the token after input_ids[b, j] in the same sample; loss_mask
+    marks supervised targets. Packed rows carry position_ids that restart at every sample (and no attention
+    mask: the model then isolates the samples)."""
 
     input_ids: torch.Tensor  # [B, T] long
     attention_mask: torch.Tensor  # [B, T] long, 1 = real token
@@ -57,50 +107,70 @@ class Batch:
     loss_mask: torch.Tensor  # [B, T] bool
     token_task: torch.Tensor  # [B, T] long, task id of each position
     token_sample: torch.Tensor  # [B, T] long, which sample of the batch each position belongs to (unique per batch)
+    position_ids: torch.Tensor | None = None  # [B, T] long, packed rows only
 
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    @property
+    def fill(self) -> float:
+        """Real tokens over the batch's capacity (padding or packing efficiency)."""
+        return self.num_tokens / max(1, self.attention_mask.numel())
+
     def to(self, device: torch.device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (
-            self.input_ids, self.attention_mask, self.targets, self.loss_mask, self.token_task, self.token_sample)))
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: v.to(device, non_blocking=True) if v is not None else None for k, v in moved.items()})
 
 
-def collate(samples: list[tuple[np.ndarray, np.ndarray, int]], pad_id: int, pad_to: int | None = None) -> Batch:
-    """Pad (ids, mask, task) samples to the longest one (or to pad_to) and shift the labels once."""
-    width = max(len(ids) for ids, _, _ in samples) if samples else 0
+Sample = tuple[np.ndarray, np.ndarray, int]  # (input ids, loss mask over input tokens, task id)
+
+
+def collate(rows: list[list[Sample]], pad_id: int, pad_to: int | None = None, packed: bool = False) -> Batch:
+    """Pad rows of samples (one sample per row unless packed) to the longest row or to pad_to, shift labels
+    once within each sample, and give each sample its own id (and, packed, its own positions)."""
+    width = max((sum(len(ids) for ids, _, _ in row) for row in rows), default=0)
     width = max(width, pad_to or 0)
-    size = len(samples)
+    size = len(rows)
     input_ids = torch.full((size, width), pad_id, dtype=torch.long)
+    targets = torch.full((size, width), pad_id, dtype=torch.long)
     attention = torch.zeros((size, width), dtype=torch.long)
-    supervised = torch.zeros((size, width), dtype=torch.bool)
+    loss_mask = torch.zeros((size, width), dtype=torch.bool)
     token_task = torch.zeros((size, width), dtype=torch.long)
-    for row, (ids, mask, task) in enumerate(samples):
-        n = len(ids)
-        input_ids[row, :n] = torch.from_numpy(ids.astype(np.int64))
-        attention[row, :n] = 1
-        supervised[row, :n] = torch.from_numpy(mask.astype(bool))
-        token_task[row] = task
-    targets = torch.full_like(input_ids, pad_id)
-    targets[:, :-1] = input_ids[:, 1:]
-    loss_mask = torch.zeros_like(supervised)
-    loss_mask[:, :-1] = supervised[:, 1:]
-    token_sample = torch.arange(size).unsqueeze(1).expand(size, width).contiguous()
-    return Batch(input_ids, attention, targets, loss_mask, token_task, token_sample)
+    token_sample = torch.full((size, width), -1, dtype=torch.long)
+    positions = torch.zeros((size, width), dtype=torch.long)
+    sample_id = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for ids, mask, task in row:
+            n, end = len(ids), start + len(ids)
+            ids_t = torch.from_numpy(ids.astype(np.int64))
+            input_ids[r, start:end] = ids_t
+            targets[r, start:end - 1] = ids_t[1:]
+            loss_mask[r, start:end - 1] = torch.from_numpy(mask[1:].astype(bool))
+            attention[r, start:end] = 1
+            token_task[r, start:end] = task
+            token_sample[r, start:end] = sample_id
+            positions[r, start:end] = torch.arange(n)
+            sample_id, start = sample_id + 1, end
+        positions[r, start:] = torch.arange(width - start)  # trailing padding: a segment of its own
+        token_sample[r, start:] = sample_id
+        sample_id += 1
+    return Batch(input_ids, attention, targets, loss_mask, token_task, token_sample, positions if packed else None)
 
 
 class SampleReader(torch.utils.data.Dataset):
-    """Maps a micro-batch of (task, record) rows to a collated Batch; usable as a DataLoader dataset."""
+    """Maps a micro-batch (a list of rows of (task, record)) to a collated Batch; a DataLoader dataset."""
 
-    def __init__(self, per_task: list[TaskSamples], pad_id: int, pad_to: int | None = None):
+    def __init__(self, per_task: list[TaskSamples], pad_id: int, pad_to: int | None = None, packed: bool = False):
         self.per_task = per_task
         self.pad_id = pad_id
         self.pad_to = pad_to
+        self.packed = packed
 
     def __len__(self) -> int:  # not used for sampling; batches come from the plan
         return sum(len(t.data) for t in self.per_task)
 
-    def __getitem__(self, rows: np.ndarray) -> Batch:
-        samples = [(*self.per_task[task].sample(int(record)), int(task)) for task, record in rows]
-        return collate(samples, self.pad_id, self.pad_to)
+    def __getitem__(self, rows: list[np.ndarray]) -> Batch:
+        samples = [[(*self.per_task[task].sample(int(record)), int(task)) for task, record in row] for row in rows]
+        return collate(samples, self.pad_id, self.pad_to, self.packed)

@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from mftcoder.config import Config, ConfigError, to_dict
-from mftcoder.data.batching import Batch, SampleReader, epoch_plan, micro_batches, optimizer_steps
+from mftcoder.data.batching import (Batch, SampleReader, arrange_rows, epoch_plan, micro_batches, optimizer_steps,
+                                    plan_lengths)
 from mftcoder.data.prepare import PreparedData, prepare_data
 from mftcoder.data.tasks import per_task_values
 from mftcoder.data.template import build_template
@@ -77,6 +78,7 @@ class Interval:
     totals: TaskTotals
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
+    capacity: int = 0  # token slots of the batches, padding included
     grad_norm: float = float("nan")
     started: float = field(default_factory=time.perf_counter)
 
@@ -108,9 +110,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.weight_decay), lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
         pad_to = config.seq_length if config.padding_mode == "padding" else None
-        self.reader = SampleReader(self.data.per_task, self.tokenizer.pad_token_id, pad_to)
-        self.steps_per_epoch = len(self._epoch_steps(0))
-        total = self.steps_per_epoch * config.num_train_epochs
+        self.reader = SampleReader(self.data.per_task, self.tokenizer.pad_token_id, pad_to,
+                                   packed=config.padding_mode == "pack")
+        epoch_lengths = [len(self._epoch_steps(e)) for e in range(config.num_train_epochs)]  # packing varies a little
+        self.steps_per_epoch = epoch_lengths[0]
+        total = sum(epoch_lengths)
         self.total_steps = min(total, config.max_steps) if config.max_steps > 0 else total
         self.autocast = self._autocast()
         self.state = ckpt.TrainerState()
@@ -137,9 +141,13 @@ class Trainer:
         return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
 
     def _epoch_steps(self, epoch: int) -> list[list[np.ndarray]]:
-        plan = epoch_plan(self.data.per_task, self.sampling_weights, self.config.seed, epoch)
-        batches = micro_batches(plan, self.config.per_device_train_batch_size, self.env.rank, self.env.world_size)
-        return optimizer_steps(batches, self.config.gradient_accumulation_steps)
+        config = self.config
+        plan = epoch_plan(self.data.per_task, self.sampling_weights, config.seed, epoch)
+        rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), config.padding_mode, config.seq_length,
+                            config.per_device_train_batch_size * self.env.world_size,
+                            np.random.default_rng([config.seed, epoch, 0xA11]))
+        batches = micro_batches(rows, config.per_device_train_batch_size, self.env.rank, self.env.world_size)
+        return optimizer_steps(batches, config.gradient_accumulation_steps)
 
     def _resume_checkpoint(self) -> Path | None:
         """The checkpoint to resume from (resume_from_checkpoint: 'auto' = newest complete one), checked."""
@@ -230,8 +238,10 @@ class Trainer:
         step_totals = TaskTotals.zeros(self.num_tasks)
         loss = accumulate_gradients(self.runner, batches, counts, config.weighted_loss_mode, self.task_weights,
                                     self.env, step_totals, self.autocast)
-        tokens = int(self.env.all_reduce_sum(torch.tensor([sum(b.num_tokens for b in batches)]))[0])
+        tokens, capacity = (int(x) for x in self.env.all_reduce_sum(torch.tensor(
+            [sum(b.num_tokens for b in batches), sum(b.attention_mask.numel() for b in batches)])))
         self.interval.tokens += tokens
+        self.interval.capacity += capacity
         self.result.tokens_seen += tokens
         self.result.supervised_tokens_seen += int(counts.tokens.sum())
         if not math.isfinite(loss):
@@ -263,6 +273,7 @@ class Trainer:
                         if not math.isnan(v)})  # a task absent from the interval has no loss to show
         metrics.update({"lr": self._lr(self.state.step - 1), "grad_norm": interval.grad_norm,
                         "tokens_per_s": interval.tokens / max(elapsed, 1e-9),
+                        "packing_efficiency": interval.tokens / max(1, interval.capacity),
                         "epoch": self.state.epoch + self.state.step_in_epoch / max(1, self.steps_per_epoch)})
         self.logger.log("train", self.state.step, metrics)
         self.interval = Interval(TaskTotals.zeros(self.num_tasks))
@@ -302,10 +313,13 @@ class Trainer:
     def evaluate(self, record: bool = True) -> dict | None:
         """Validation loss overall (the training objective over the whole split) and per task (token mean)."""
         config, state = self.config, self.state
-        rows = np.concatenate([np.stack([np.full(len(t.valid), t.task.id), t.valid], axis=1)
+        plan = np.concatenate([np.stack([np.full(len(t.valid), t.task.id), t.valid], axis=1)
                                for t in self.data.per_task]).astype(np.int64)
-        if len(rows) == 0:
+        if len(plan) == 0:
             return None
+        rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), config.padding_mode, config.seq_length,
+                            config.per_device_valid_batch_size * self.env.world_size, np.random.default_rng(0),
+                            window=len(plan))
         batches = micro_batches(rows, config.per_device_valid_batch_size, self.env.rank, self.env.world_size)
         if config.valid_iters:
             batches = batches[:config.valid_iters]
