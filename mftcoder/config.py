@@ -79,6 +79,7 @@ class Config:
     bf16: bool | None = opt(None, "bf16 autocast: null = on when a GPU supports it, off on CPU.", section="model")
     fp16: bool = opt(False, "fp16 is not supported (use bf16); only false is accepted.", section="model")
     tp: int = opt(1, "Tensor-parallel size; only 1 is supported (as in the reference).", section="model")
+    distributed_strategy: str = opt("ddp", "Under torchrun: 'ddp' (replicas) or 'fsdp' (FSDP2: parameters, gradients and optimizer state sharded per decoder layer).", ("ddp", "fsdp"), section="model")
     dp: int | None = opt(None, "Data-parallel size (the reference's launchers pass it); must equal the number of processes.", section="model")
 
     # --- optimisation -------------------------------------------------------------------------

@@ -157,13 +157,13 @@ class SupervisedLM(nn.Module):
         targets = batch.targets[batch.loss_mask]
         head = self.head()
         pieces = []
-        for start in range(0, len(selected), self.chunk_tokens):
+        for start in range(0, max(1, len(selected)), self.chunk_tokens):  # an empty chunk keeps the graph whole
             h, t = selected[start:start + self.chunk_tokens], targets[start:start + self.chunk_tokens]
             if torch.is_grad_enabled() and h.requires_grad:
                 pieces.append(checkpoint(_head_loss, head, h, t, use_reentrant=False))
             else:
                 pieces.append(_head_loss(head, h, t))
-        return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        return torch.cat(pieces)
 
 
 def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

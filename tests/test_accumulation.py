@@ -13,7 +13,7 @@ from mftcoder.data.records import parse_record
 from mftcoder.data.tokenize import encode_conversations
 from mftcoder.loss import LOSS_MODES, StepCounts, SupervisedLM, TaskTotals
 from mftcoder.model import DEMO_DATA, build_model
-from mftcoder.train.distributed import DistEnv
+from mftcoder.train.distributed import DistEnv, Parallelism
 from mftcoder.train.loop import accumulate_gradients
 
 
@@ -33,7 +33,8 @@ def samples(tokenizer, template):
 def step_gradients(model, batches, mode, weights):
     model.zero_grad(set_to_none=True)
     counts = StepCounts.of(batches, 3)
-    loss = accumulate_gradients(SupervisedLM(model), batches, counts, mode, weights, DistEnv(), TaskTotals.zeros(3),
+    loss = accumulate_gradients(SupervisedLM(model), batches, counts, mode, weights, Parallelism(DistEnv()),
+                                TaskTotals.zeros(3),
                                 contextlib.nullcontext())
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -172,5 +172,13 @@ class SampleReader(torch.utils.data.Dataset):
         return sum(len(t.data) for t in self.per_task)
 
     def __getitem__(self, rows: list[np.ndarray]) -> Batch:
+        if not rows:  # this rank's share of the last global batch is empty, but collectives need a forward
+            return self.stand_in()
         samples = [[(*self.per_task[task].sample(int(record)), int(task)) for task, record in row] for row in rows]
         return collate(samples, self.pad_id, self.pad_to, self.packed)
+
+    def stand_in(self) -> Batch:
+        """One pad token, packed (no attention mask to fully mask), carrying no loss and counted as no token."""
+        batch = collate([[(np.array([self.pad_id]), np.zeros(1, dtype=np.uint8), 0)]], self.pad_id, packed=True)
+        batch.attention_mask.zero_()
+        return batch

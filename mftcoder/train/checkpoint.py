@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from mftcoder.train.distributed import Parallelism
+
 STATE_FILE = "trainer_state.json"
 RESUME_DIR = "resume"
 STEP_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -61,33 +63,43 @@ def find_latest(output_dir: Path) -> Path | None:
     return max(complete, key=lambda p: (checkpoint_step(p), STEP_NAME.match(p.name) is not None))
 
 
-def save_checkpoint(output_dir: Path, name: str, model: torch.nn.Module, tokenizer, optimizer: torch.optim.Optimizer,
-                    state: TrainerState, run_config: dict) -> Path:
-    """Write checkpoint `name` of the user's (unwrapped) model atomically: everything goes to a hidden
-    temporary folder, the state file last, then one rename makes it visible. A crash before the rename
+def save_checkpoint(output_dir: Path, name: str, model: torch.nn.Module, runner: torch.nn.Module, tokenizer,
+                    optimizer: torch.optim.Optimizer, state: TrainerState, run_config: dict,
+                    parallel: Parallelism) -> Path:
+    """Write checkpoint `name` atomically; every rank calls this. Everything goes to a hidden temporary
+    folder (the user's model as an HF directory or PEFT adapter, the tokenizer, optimizer and RNG), the
+    state file last, then one rename by the main process makes it visible. A crash before the rename
     leaves nothing that resume would pick."""
-    final = output_dir / name
-    tmp = output_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)  # HF directory (safetensors) or, for PEFT, the adapter only
-    tokenizer.save_pretrained(tmp)
-    write_resume_state(tmp / RESUME_DIR, optimizer, run_config)
-    (tmp / STATE_FILE).write_text(state.to_json())
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    env = parallel.env
+    final, tmp = output_dir / name, output_dir / f".{name}.tmp"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / RESUME_DIR).mkdir(parents=True)
+    env.barrier()
+    full_state = parallel.full_model_state(runner)  # a collective under FSDP
+    if env.is_main:
+        model.save_pretrained(tmp, state_dict=full_state) if full_state is not None else model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    parallel.save_optimizer(runner, optimizer, tmp / RESUME_DIR)
+    write_resume_state(tmp / RESUME_DIR, env.rank, run_config if env.is_main else None)
+    env.barrier()
+    if env.is_main:
+        (tmp / STATE_FILE).write_text(state.to_json())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    env.barrier()
     return final
 
 
-def write_resume_state(directory: Path, optimizer: torch.optim.Optimizer, run_config: dict) -> None:
-    directory.mkdir()
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+def write_resume_state(directory: Path, rank: int, run_config: dict | None) -> None:
+    """This rank's RNG state, and (main process) the run's config for the resume checks."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, directory / "rng.pt")
-    (directory / "config.json").write_text(json.dumps(run_config, indent=1))
+    torch.save(rng, directory / f"rng-{rank}.pt")
+    if run_config is not None:
+        (directory / "config.json").write_text(json.dumps(run_config, indent=1))
 
 
 def read_run_config(checkpoint: Path) -> dict:
@@ -99,17 +111,24 @@ def is_adapter(checkpoint: Path) -> bool:
     return (checkpoint / "adapter_model.safetensors").is_file()
 
 
-def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
-    """Restore the adapter (a full model's weights are loaded when the model is built), the optimizer,
-    the RNG and the trainer state from a complete checkpoint."""
-    if is_adapter(checkpoint):
-        from peft import set_peft_model_state_dict
+def load_adapter(checkpoint: Path, model: torch.nn.Module) -> None:
+    """Put a LoRA checkpoint's adapter weights into the (not yet wrapped) PEFT model."""
+    from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{checkpoint}: adapter keys do not match the model: {result.unexpected_keys[:3]}")
-    optimizer.load_state_dict(torch.load(checkpoint / RESUME_DIR / "optimizer.pt", weights_only=True))
-    rng = torch.load(checkpoint / RESUME_DIR / "rng.pt", weights_only=True)
+    result = set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{checkpoint}: adapter keys do not match the model: {result.unexpected_keys[:3]}")
+
+
+def restore_training_state(checkpoint: Path, runner: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           parallel: Parallelism) -> TrainerState:
+    """Restore the optimizer, this rank's RNG and the trainer state (weights were loaded with the model)."""
+    parallel.load_optimizer(runner, optimizer, checkpoint / RESUME_DIR)
+    rng_file = checkpoint / RESUME_DIR / f"rng-{parallel.env.rank}.pt"
+    if not rng_file.is_file():
+        raise ValueError(f"{checkpoint}: no RNG state for rank {parallel.env.rank}; resume with the same "
+                         "number of processes")
+    rng = torch.load(rng_file, weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

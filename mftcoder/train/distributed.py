@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -58,3 +60,85 @@ def shutdown(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+class Parallelism:
+    """How the model is spread over ranks (none, DDP or FSDP2), and how its state is saved and restored."""
+
+    def __init__(self, env: DistEnv, strategy: str = "ddp", bf16: bool = False):
+        self.env = env
+        self.strategy = strategy if env.distributed else "none"
+        self.bf16 = bf16
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def wrap(self, runner: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP around the runner, or FSDP2: each decoder layer sharded on its own, then the root."""
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            return DistributedDataParallel(runner, device_ids=device_ids)
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 \
+                else MixedPrecisionPolicy()
+            layer_classes = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
+            layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+            if not layers:
+                raise ValueError(f"FSDP: no decoder layers found in {type(model).__name__} (_no_split_modules)")
+            for layer in layers:
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(runner, mp_policy=policy)
+        return runner
+
+    def gradient_sync(self, runner: torch.nn.Module, sync: bool):
+        """A context for one micro-batch's backward: gradients are reduced across ranks only when `sync`."""
+        if hasattr(runner, "no_sync") and not sync:
+            return runner.no_sync()
+        if hasattr(runner, "set_requires_gradient_sync"):
+            runner.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def full_model_state(self, runner: torch.nn.Module) -> dict | None:
+        """Under FSDP the full (gathered, CPU) state dict of the user's model, on every rank (a collective);
+        otherwise None: the model saves its own state."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(runner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {key.removeprefix("model."): value for key, value in state.items()}
+
+    def save_optimizer(self, runner: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        """FSDP: every rank writes its shard (torch.distributed.checkpoint); else the main process saves."""
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            dcp.save({"optimizer": get_optimizer_state_dict(runner, optimizer)}, checkpoint_id=directory / "optimizer")
+        elif self.env.is_main:
+            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load_optimizer(self, runner: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        sharded_copy = (directory / "optimizer").is_dir()
+        if self.sharded != sharded_copy:
+            raise ValueError(f"{directory}: the optimizer state was saved {'with' if sharded_copy else 'without'} "
+                             "FSDP; resume with the same distributed_strategy")
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+            state = {"optimizer": get_optimizer_state_dict(runner, optimizer)}
+            dcp.load(state, checkpoint_id=directory / "optimizer")
+            set_optimizer_state_dict(runner, optimizer, optim_state_dict=state["optimizer"])
+        else:
+            optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True,
+                                                 map_location=self.env.device))
+
+
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
