@@ -50,6 +50,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "RANK" not in os.environ:  # start the processes with torchrun, then wait for them
+        import subprocess
+
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "-m", "mftcoder",
+                   "train", args.config, *args.overrides]
+        return subprocess.run(command).returncode
     from mftcoder.train.loop import TrainingError, train
 
     config = _load(args)
@@ -121,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4")
         return p
 
-    with_config(commands.add_parser("train", help="multi-task fine-tuning, full or LoRA")).set_defaults(func=cmd_train)
+    train = with_config(commands.add_parser("train", help="multi-task fine-tuning, full or LoRA"))
+    train.add_argument("--nproc", type=int, default=1, help="start this many processes with torchrun (data parallel)")
+    train.set_defaults(func=cmd_train)
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model")
     merge.add_argument("--base", "--base_model_or_path", required=True, help="the base model directory")
     merge.add_argument("--adapter", "--adaptor_path", required=True, help="the LoRA checkpoint directory")
@@ -147,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides that came after an option (e.g. `train cfg.yaml --nproc 2 seed=1`)
+        if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         return args.func(args)
     except (ConfigError, DataError) as exc:

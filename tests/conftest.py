@@ -9,7 +9,7 @@ import pytest
 
 from mftcoder.config import build_config
 from mftcoder.data.template import build_template
-from mftcoder.model import load_tokenizer
+from mftcoder.model import DEMO_DATA, load_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +40,15 @@ def chat(*pairs: tuple[str, str], system: str | None = None) -> dict:
     rounds = [{"role": "system", "content": system}] if system else []
     rounds += [{"role": role, "content": content} for role, content in pairs]
     return {"chat_rounds": rounds}
+
+
+@pytest.fixture(scope="session")
+def small_tasks(tmp_path_factory):
+    """Three tasks of 20 short demo records each, and a shared tokenized-data cache."""
+    root = tmp_path_factory.mktemp("tasks")
+    for task_dir in sorted(p for p in DEMO_DATA.iterdir() if p.is_dir()):
+        lines = (task_dir / "train.jsonl").read_text().splitlines()
+        shortest = sorted(lines, key=len)[:20]
+        (root / task_dir.name).mkdir()
+        (root / task_dir.name / "train.jsonl").write_text("\n".join(shortest) + "\n")
+    return {"data_paths": [str(p) for p in sorted(root.iterdir())], "data_cache_dir": str(root / ".cache")}

@@ -10,22 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from mftcoder.config import build_config
-from mftcoder.model import DEMO_DATA
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.loop import Trainer, TrainingError, train
 from mftcoder.train.distributed import DistEnv
-
-
-@pytest.fixture(scope="session")
-def small_tasks(tmp_path_factory):
-    """Three tasks of 20 short demo records each, and a shared tokenized-data cache."""
-    root = tmp_path_factory.mktemp("tasks")
-    for task_dir in sorted(p for p in DEMO_DATA.iterdir() if p.is_dir()):
-        lines = (task_dir / "train.jsonl").read_text().splitlines()
-        shortest = sorted(lines, key=len)[:20]
-        (root / task_dir.name).mkdir()
-        (root / task_dir.name / "train.jsonl").write_text("\n".join(shortest) + "\n")
-    return {"data_paths": [str(p) for p in sorted(root.iterdir())], "data_cache_dir": str(root / ".cache")}
 
 
 def make_config(small_tasks, output_dir, **overrides):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from mftcoder.config import ConfigError
 from mftcoder.train.distributed import Parallelism
 
 STATE_FILE = "trainer_state.json"
@@ -126,8 +127,8 @@ def restore_training_state(checkpoint: Path, runner: torch.nn.Module, optimizer:
     parallel.load_optimizer(runner, optimizer, checkpoint / RESUME_DIR)
     rng_file = checkpoint / RESUME_DIR / f"rng-{parallel.env.rank}.pt"
     if not rng_file.is_file():
-        raise ValueError(f"{checkpoint}: no RNG state for rank {parallel.env.rank}; resume with the same "
-                         "number of processes")
+        raise ConfigError(f"resume_from_checkpoint: {checkpoint} has no RNG state for rank {parallel.env.rank}; "
+                          "resume with the number of processes that wrote it")
     rng = torch.load(rng_file, weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mftcoder.config import ConfigError
+
 
 @dataclass
 class DistEnv:
@@ -126,8 +128,8 @@ class Parallelism:
     def load_optimizer(self, runner: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
         sharded_copy = (directory / "optimizer").is_dir()
         if self.sharded != sharded_copy:
-            raise ValueError(f"{directory}: the optimizer state was saved {'with' if sharded_copy else 'without'} "
-                             "FSDP; resume with the same distributed_strategy")
+            raise ConfigError(f"distributed_strategy: {directory} holds optimizer state saved "
+                              f"{'with' if sharded_copy else 'without'} FSDP; resume with the same strategy")
         if self.sharded:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict

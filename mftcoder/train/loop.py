@@ -88,6 +88,8 @@ class Trainer:
         self.config = config
         self.env = env
         self.output_dir = Path(config.output_dir or "outputs")
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ConfigError(f"output_dir: {self.output_dir} exists and is not a folder")
         torch.manual_seed(config.seed)
         self.template = build_template(config.chat_template, config.chat_markers)
         self.tokenizer = load_tokenizer(config, self.template)
@@ -388,13 +390,14 @@ def train(config: Config) -> RunResult:
 
     hf_logging.disable_progress_bar()  # our own progress bar is enough; saving shards is quick
     env = init_distributed()
-    try:
-        if config.dp is not None and config.dp != env.world_size:
-            raise ConfigError(f"dp: set to {config.dp} but {env.world_size} process(es) are running; "
-                              "launch with torchrun --nproc_per_node=DP")
-        trainer = Trainer(config, env)
-        trainer.resume()
-        return trainer.run()
-    finally:
-        shutdown(env)
-
+    if config.dp is not None and config.dp != env.world_size:
+        raise ConfigError(f"dp: set to {config.dp} but {env.world_size} process(es) are running; "
+                          "launch with torchrun --nproc_per_node=DP")
+    # On an error this rank leaves at once (no barrier: the others may be inside a collective); torchrun
+    # then ends the other ranks, so a failure on one rank never hangs the job.
+    trainer = Trainer(config, env)
+    trainer.resume()
+    result = trainer.run()
+    del trainer  # release DDP/FSDP before leaving the process group (an occasional abort at exit otherwise)
+    shutdown(env)
+    return result
