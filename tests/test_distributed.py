@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,15 @@ def settings(small_tasks, output_dir: Path, **overrides) -> dict:
 def run_two_ranks(values: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     overrides = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "mftcoder", "train", "/dev/null", "--nproc", "2", *overrides],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    command = [sys.executable, "-m", "mftcoder", "train", "/dev/null", "--nproc", "2", *overrides]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks: a hang must not outlive the test
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def final_weights(output_dir: Path, step: int) -> dict:
