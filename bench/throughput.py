@@ -418,8 +418,43 @@ def write_subset(data_root: Path, out: Path, per_task: int) -> list[str]:
     return dirs
 
 
-def run_worker(spec: dict, work: Path, name: str, timeout: float) -> dict:
-    """Run one variant in a fresh Python process; its result, or an error with the log's tail."""
+def cpu_busy_seconds() -> float | None:
+    """CPU seconds spent busy by the whole machine since boot (all cores), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_for_idle(limit: float, threshold: float = 0.3) -> float | None:
+    """Wait (up to `limit` seconds) until the rest of the machine uses < threshold cores; return that load."""
+    deadline = time.perf_counter() + limit
+    while True:
+        before = cpu_busy_seconds()
+        time.sleep(2.0)
+        after = cpu_busy_seconds()
+        load = (after - before) / 2.0 if before is not None and after is not None else None
+        if load is None or load < threshold or time.perf_counter() >= deadline:
+            return load
+
+
+def run_worker(spec: dict, work: Path, name: str, timeout: float, wait_idle: float = 0.0) -> dict:
+    """Run one variant in a fresh Python process; its result, or an error with the log's tail.
+
+    Also measures how busy the rest of the machine was meanwhile (other processes' cores, from /proc/stat
+    minus this subprocess's own CPU time): with 2 cores, anything else running skews the numbers."""
+    if wait_idle > 0:
+        load = wait_for_idle(wait_idle)
+        if load is not None and load >= 0.3:
+            print(f"  (machine still busy: {load:.1f} cores in use by others)", flush=True)
     work.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "work": str(work)}
     spec_path = work / "spec.json"
@@ -429,6 +464,7 @@ def run_worker(spec: dict, work: Path, name: str, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     print(f"  {name} ...", end="", flush=True)
+    busy_before, own_before = cpu_busy_seconds(), children_cpu_seconds()
     try:
         with open(log_path, "w") as log:
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
@@ -438,6 +474,10 @@ def run_worker(spec: dict, work: Path, name: str, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         stdout, code = "", "timeout"
     wall = time.perf_counter() - started
+    busy_after, own_after = cpu_busy_seconds(), children_cpu_seconds()
+    other_load = None
+    if busy_before is not None and busy_after is not None:
+        other_load = max(0.0, (busy_after - busy_before) - (own_after - own_before)) / max(wall, 1e-9)
     result_lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
     if code != 0 or not result_lines:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
@@ -445,9 +485,11 @@ def run_worker(spec: dict, work: Path, name: str, timeout: float) -> dict:
         return {"error": f"exit {code}; see log", "wall": wall}
     result = json.loads(result_lines[-1][len(RESULT_MARK):])
     result["wall"] = wall
+    result["others"] = other_load
     rate = result["supervised"] / result["train_seconds"] if result.get("train_seconds") else float("nan")
     print(f" {wall:.0f}s wall, {result.get('train_seconds', 0):.1f}s training, {rate:.0f} supervised tok/s, "
-          f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB", flush=True)
+          f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB"
+          + (f", other processes {other_load:.2f} cores" if other_load is not None else ""), flush=True)
     return result
 
 
@@ -485,15 +527,15 @@ def results_table(results: dict[str, dict], expected: dict, baseline: str = BASE
     base_rate = base["supervised"] / base["train_seconds"] if base.get("train_seconds") else None
     base_rss = base.get("peak_rss")
     lines = ["| variant | steps | supervised tok/s | real tok/s | × HF Trainer (supervised tok/s) | peak RSS GiB | "
-             "RSS / HF | train s | wall s | supervised tokens | real tokens | mean loss |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "RSS / HF | train s | wall s | supervised tokens | real tokens | mean loss | other load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         label = DESCRIPTIONS.get(name, name)
         if "pending" in r:
-            lines.append(f"| {label} | pending: {r['pending']} |" + " |" * 11)
+            lines.append(f"| {label} | pending: {r['pending']} |" + " |" * 12)
             continue
         if "error" in r:
-            lines.append(f"| {label} | failed: {r['error']} |" + " |" * 11)
+            lines.append(f"| {label} | failed: {r['error']} |" + " |" * 12)
             continue
         sup_rate = r["supervised"] / r["train_seconds"]
         real_rate = r["tokens"] / r["train_seconds"]
@@ -502,8 +544,13 @@ def results_table(results: dict[str, dict], expected: dict, baseline: str = BASE
         same = "" if r["supervised"] == expected["supervised"] else " (≠ expected!)"
         lines.append(f"| {label} | {r['steps']} | {sup_rate:.0f} | {real_rate:.0f} | {ratio} | {gib(r['peak_rss'])} | "
                      f"{rss_ratio} | {r['train_seconds']:.1f} | {r['wall']:.0f} | {r['supervised']}{same} | "
-                     f"{r['tokens']} | {r['mean_loss']:.3f} |")
+                     f"{r['tokens']} | {r['mean_loss']:.3f} | {others(r)} |")
     return "\n".join(lines)
+
+
+def others(r: dict) -> str:
+    """Cores used by other processes while the variant ran (should be ~0 for clean numbers)."""
+    return "-" if r.get("others") is None else f"{r['others']:.2f}"
 
 
 def rate(r: dict) -> float | None:
@@ -528,6 +575,20 @@ def targets_section(results: dict[str, dict]) -> str:
     row("pack peak RSS ≤ 0.5 × HF Trainer's", pack["peak_rss"] / hf["peak_rss"]
         if pack.get("peak_rss") and hf.get("peak_rss") else None, 0.5, "{:.2f}×", at_most=True)
     return "\n".join(lines)
+
+
+def code_line() -> str:
+    """Which mftcoder was measured: the commit, and whether mftcoder/ had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mftcoder"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "mftcoder: unknown revision"
+    if not head:
+        return "mftcoder: not a git checkout"
+    return f"mftcoder at commit {head}" + (" plus uncommitted changes under mftcoder/" if dirty else "")
 
 
 def machine_line() -> str:
@@ -583,13 +644,13 @@ def main_table(args, work: Path) -> str:
             print(f"  {variant}: pending (no padding_mode: pack in mftcoder/config.py)", flush=True)
             continue
         spec = variant_spec(variant, data_dirs, args.seq_length, model, str(model_json), str(work / "cache"))
-        results[variant] = run_worker(spec, work / variant, variant, args.timeout)
+        results[variant] = run_worker(spec, work / variant, variant, args.timeout, args.wait_idle)
     total = time.perf_counter() - started
     whole = meta["profile"]["all"]
     return "\n".join([
         f"## Throughput: tiny GPT-NeoX, seq_length {args.seq_length}, batch {BATCH_SIZE}, one pass",
         "",
-        f"- Machine: {machine_line()}",
+        f"- Machine: {machine_line()}; {code_line()}",
         f"- Data: `{args.data}` ({whole['count']} records of {meta['package']} {meta['package_version']}: median "
         f"{whole['median']:.0f} tokens, p90 {whole['p90']:.0f}, max {whole['max']}, supervised fraction "
         f"{whole['supervised_fraction']:.3f}); this run trains on the first {per_task} of each task: "
@@ -600,7 +661,8 @@ def main_table(args, work: Path) -> str:
         "bot tokens + EOS",
         f"- Every variant should train on {expected['supervised']} supervised and {expected['tokens']} real tokens "
         "(a mismatch is flagged in the table). Wall s = the whole subprocess (imports, tokenization, model build, "
-        "training, mftcoder's final checkpoint); throughput uses train s only.",
+        "training, mftcoder's final checkpoint); throughput uses train s only. Other load = cores busy with "
+        "other processes meanwhile (from /proc/stat).",
         f"- Benchmark time: {total / 60:.1f} minutes",
         "",
         results_table(results, expected),
@@ -637,7 +699,7 @@ def scaling_sections(args, work: Path) -> str:
         for variant in (mode, "hf-trainer"):
             spec = variant_spec(variant, data_dirs, seq_length, tiny, str(tiny_json), str(work / "cache"))
             got[variant] = run_worker(spec, work / f"seq{seq_length}-{variant}", f"seq {seq_length} {variant}",
-                                      args.timeout)
+                                      args.timeout, args.wait_idle)
         m, h = got[mode], got["hf-trainer"]
         if "error" in m or "error" in h:
             rows.append(f"| {seq_length} | {len(samples)} | failed | | | | | |")
@@ -660,7 +722,7 @@ def scaling_sections(args, work: Path) -> str:
         for variant in (mode, "hf-trainer"):
             spec = variant_spec(variant, wide_dirs, 1024, values, str(path), str(work / "cache"))
             got[variant] = run_worker(spec, work / f"model-{values['hidden_size']}-{variant}",
-                                      f"{label} {variant}", args.timeout)
+                                      f"{label} {variant}", args.timeout, args.wait_idle)
         m, h = got[mode], got["hf-trainer"]
         body = body_parameters(values)
         if "error" in m or "error" in h:
@@ -685,7 +747,8 @@ def scaling_sections(args, work: Path) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "train.jsonl").write_text("\n".join(records[:size]) + "\n", encoding="utf-8")
         folders.append((size, str(folder)))
-    result = run_worker({"kind": "tokenize", "sizes": folders}, work / "tokenize-run", "tokenization", args.timeout)
+    result = run_worker({"kind": "tokenize", "sizes": folders}, work / "tokenize-run", "tokenization", args.timeout,
+                        args.wait_idle)
     rows = ["| records | MB of JSONL | tokens | tokenize + cache s | records/s | tokens/s | load from cache s |",
             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result.get("rows", []):
@@ -694,7 +757,7 @@ def scaling_sections(args, work: Path) -> str:
     sections += ["### Tokenization (`mftcoder.data.tokenize.load_tokenized`, fresh cache dir, default workers)", "",
                  *rows, ""]
     total = time.perf_counter() - started
-    return "\n".join([f"## Scaling", "", f"- Machine: {machine_line()}", f"- Benchmark time: {total / 60:.1f} minutes",
+    return "\n".join([f"## Scaling", "", f"- Machine: {machine_line()}; {code_line()}", f"- Benchmark time: {total / 60:.1f} minutes",
                       f"- Data: `{args.data}` ({meta['profile']['all']['count']} records); tokenization rows use "
                       f"`{tok_root}` ({max(sizes)} records, same builder)", "", *sections])
 
@@ -718,19 +781,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=BENCH / "results.md", help="Markdown report (default bench/results.md)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before a variant's process is stopped")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, checkpoints)")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each variant, wait up to this long for other processes to go quiet")
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
     args.build_per_task = 200
     if args.quick:
-        args.samples = args.samples or 24
+        args.samples = args.samples or 18
         args.seq_length = args.seq_length or 256
-        args.scaling_samples, args.wide_samples = 24, 12
+        args.scaling_samples, args.wide_samples = 18, 9
         args.seq_lengths, args.tokenize_sizes = [128, 256], [300, 600]
     else:
-        args.samples = args.samples or 192
+        args.samples = args.samples or 96
         args.seq_length = args.seq_length or 1024
-        args.scaling_samples, args.wide_samples = 96, 48
+        args.scaling_samples, args.wide_samples = 60, 30
         args.seq_lengths, args.tokenize_sizes = [256, 512, 1024, 2048], [1000, 2000, 4000, 8000]
     work = Path(tempfile.mkdtemp(prefix="mftcoder-bench-"))
     started = time.perf_counter()

@@ -133,7 +133,7 @@ class SupervisedLM(nn.Module):
     """Wraps a causal LM: runs its body, then the output layer and cross-entropy only at supervised
     positions, in chunks, so [tokens, vocab] logits are never built for prompt or pad tokens."""
 
-    def __init__(self, model: nn.Module, chunk_tokens: int = 2048):
+    def __init__(self, model: nn.Module, chunk_tokens: int = 1024):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
@@ -145,26 +145,77 @@ class SupervisedLM(nn.Module):
     def head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Per-token cross-entropy (float32) at the batch's supervised positions, in loss_mask order."""
+    def forward(self, batch: Batch, coefficients: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(sum of coefficient * token loss, to backpropagate; None without coefficients) and the per-token
+        cross-entropy (float32, detached) at the batch's supervised positions, in loss_mask order."""
         if batch.position_ids is not None:  # packed: restarting positions and no mask isolate the samples
             hidden = self.body()(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
                                  use_cache=False).last_hidden_state
         else:
             hidden = self.body()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                  use_cache=False).last_hidden_state
-        selected = hidden[batch.loss_mask]
-        targets = batch.targets[batch.loss_mask]
+        selected, targets = hidden[batch.loss_mask], batch.targets[batch.loss_mask]
         head = self.head()
-        pieces = []
+        if coefficients is None:
+            coefficients = torch.zeros(len(targets), device=targets.device)
+        if type(head) is nn.Linear:  # the usual output layer: fused, no logits kept for backward
+            return FusedLinearCrossEntropy.apply(selected, head.weight, head.bias, targets,
+                                                 coefficients.float(), self.chunk_tokens)
+        pieces = []  # e.g. an adapter on the output layer: recompute each chunk's logits in backward
         for start in range(0, max(1, len(selected)), self.chunk_tokens):  # an empty chunk keeps the graph whole
             h, t = selected[start:start + self.chunk_tokens], targets[start:start + self.chunk_tokens]
-            if torch.is_grad_enabled() and h.requires_grad:
-                pieces.append(checkpoint(_head_loss, head, h, t, use_reentrant=False))
-            else:
-                pieces.append(_head_loss(head, h, t))
-        return torch.cat(pieces)
+            pieces.append(checkpoint(_head_loss, head, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                          else _head_loss(head, h, t))
+        losses = torch.cat(pieces)
+        return (losses * coefficients.to(losses.dtype)).sum(), losses.detach()
 
 
 def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """loss = sum_i c_i * CE(W h_i + b, y_i), computed chunk by chunk; the gradients for h, W and b are
+    formed in the forward pass from each chunk's softmax (c_i * (softmax - onehot)), so neither the
+    [tokens, vocab] logits nor a recomputation are needed in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, coefficients, chunk_tokens):
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        losses = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, len(targets), chunk_tokens):
+            end = min(start + chunk_tokens, len(targets))
+            h, y = hidden[start:end], targets[start:end]
+            logits = F.linear(h, weight, bias).float()
+            log_norm = torch.logsumexp(logits, dim=1)
+            losses[start:end] = log_norm - logits.gather(1, y[:, None]).squeeze(1)
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
+            grad_logits[torch.arange(end - start, device=y.device), y] -= 1.0
+            grad_logits.mul_(coefficients[start:end, None])
+            if need_hidden:
+                grad_hidden[start:end] = (grad_logits @ weight.float()).to(hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), h.float())
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
+        ctx.present = (need_hidden, need_weight, need_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(losses)
+        return (losses.double() * coefficients.double()).sum().float(), losses
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_losses):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_loss if present else None for present in ctx.present]
+        if grads[1] is not None:
+            grads[1] = grads[1].to(ctx.dtypes[0])
+        if grads[2] is not None:
+            grads[2] = grads[2].to(ctx.dtypes[1])
+        return grads[0], grads[1], grads[2], None, None, None

@@ -71,13 +71,19 @@ def test_only_zero_weight_tasks_in_a_step_give_zero_loss():
     assert step_loss([make_batch([A, B])], "case3", torch.tensor([0.0, 1.0]), 2) == 0.0
 
 
-def test_supervised_only_loss_equals_plain_logits_loss_and_gradients():
+@pytest.mark.parametrize("head_kind", ["fused", "adapter"])
+def test_supervised_only_loss_equals_plain_logits_loss_and_gradients(head_kind):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
     config = GPTNeoXConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=64)
     model = GPTNeoXForCausalLM(config)
+    head = model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.randn(300) * 0.1)  # exercise the bias gradient too
+    if head_kind == "adapter":  # a non-Linear output layer takes the recompute-in-backward path
+        model.set_output_embeddings(torch.nn.Sequential(head))
+        model.get_output_embeddings().weight = head.weight
     ids = torch.randint(0, 300, (3, 12))
     attention = torch.ones_like(ids)
     attention[2, 9:] = 0
@@ -88,13 +94,33 @@ def test_supervised_only_loss_equals_plain_logits_loss_and_gradients():
     targets[:, :-1] = ids[:, 1:]
     batch = Batch(ids, attention, targets, loss_mask, torch.zeros_like(ids),
                   torch.arange(3).unsqueeze(1).expand(3, 12).contiguous())
-    ours = SupervisedLM(model, chunk_tokens=5)(batch)  # several chunks
-    ours.sum().backward()
+    coefficients = torch.rand(int(loss_mask.sum())) / 10
+    weighted, ours = SupervisedLM(model, chunk_tokens=5)(batch, coefficients)  # several chunks
+    weighted.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     logits = model(input_ids=ids, attention_mask=attention).logits
     plain = F.cross_entropy(logits[loss_mask], targets[loss_mask], reduction="none")
-    plain.sum().backward()
+    (plain * coefficients).sum().backward()
     assert torch.allclose(ours, plain, atol=1e-5, rtol=1e-5)
+    assert float(weighted.detach()) == pytest.approx(float((plain * coefficients).sum()), rel=1e-5)
     for name, param in model.named_parameters():
-        assert torch.allclose(grads[name], param.grad, atol=1e-5, rtol=1e-4), name
+        assert torch.allclose(grads[name], param.grad, atol=1e-6, rtol=1e-4), name
+    bias_name = next(n for n, p in model.named_parameters() if p is head.bias)
+    assert grads[bias_name].abs().sum() > 0
+
+
+def test_frozen_output_layer_gets_no_gradient_but_the_body_does():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=4, intermediate_size=64))
+    model.get_output_embeddings().weight.requires_grad_(False)
+    batch, _ = make_batch([A, C])
+    batch.input_ids = torch.randint(0, 300, batch.input_ids.shape)
+    batch.targets = torch.randint(0, 300, batch.input_ids.shape)
+    weighted, _ = SupervisedLM(model)(batch, torch.ones(int(batch.loss_mask.sum())))
+    weighted.backward()
+    assert model.get_output_embeddings().weight.grad is None
+    assert model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight.grad.abs().sum() > 0

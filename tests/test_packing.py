@@ -95,7 +95,7 @@ def test_per_task_losses_of_a_packed_batch_equal_unpacked(mode):
     results = []
     for batch in (packed, unpacked):
         with torch.no_grad():
-            losses = runner(batch)
+            _, losses = runner(batch)
         totals = TaskTotals.zeros(3)
         totals.add(batch, losses)
         objective = float((losses.double() * token_coefficients(batch, mode, StepCounts.of([batch], 3), weights)).sum())

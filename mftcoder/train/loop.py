@@ -58,11 +58,10 @@ def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], counts: 
     env, step_loss = parallel.env, 0.0
     for i, batch in enumerate(batches):
         batch = batch.to(env.device)
+        coefficients = token_coefficients(batch, mode, counts, task_weights)
         with parallel.gradient_sync(runner, sync=i == len(batches) - 1):
             with autocast:
-                token_losses = runner(batch)
-            coefficients = token_coefficients(batch, mode, counts, task_weights).to(token_losses.dtype)
-            loss = (token_losses * coefficients).sum()
+                loss, token_losses = runner(batch, coefficients)
             (loss * env.world_size).backward()
         step_loss += float(loss.detach())
         totals.add(batch, token_losses)
@@ -326,7 +325,7 @@ class Trainer:
         for rows_of_batch in batches:  # every rank runs every batch (an empty share is a 1-token stand-in)
             batch = self.reader[rows_of_batch].to(self.env.device)
             with self.autocast:
-                totals.add(batch, self.runner(batch))
+                totals.add(batch, self.runner(batch)[1])
         self.runner.train()
         totals = TaskTotals.from_tensor(self.env.all_reduce_sum(totals.as_tensor()))
         metrics = {"loss": totals.objective(config.weighted_loss_mode, self.task_weights)}
