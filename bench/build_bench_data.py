@@ -5,15 +5,16 @@ Real code, real length spread: every documented function or method of an install
 `transformers`, found with importlib, never imported) is read with `ast`, files walked in sorted order.
 Each function becomes a record of one of three tasks, one folder each, in mftcoder's JSONL format:
 
-* `code_generation` -- human: signature + docstring; bot: the implementation (docstring removed);
+* `code_generation` -- human: signature + the docstring's summary; bot: the implementation (docstring removed);
 * `code_docstring`  -- human: the implementation without its docstring; bot: the docstring;
-* `code_multiturn`  -- system prompt; human asks what it does, bot summarises it (summary, where it is
-  defined, its parameters); human asks for the code, bot gives the whole function; human asks for a
-  unit test, bot writes a pytest-style test of the signature and the docstring.
+* `code_multiturn`  -- system prompt, then one to three rounds (drawn from the seed): what does it do (bot:
+  summary, where it is defined, parameters, what it calls); a unit test (bot: a pytest test pinning its
+  signature and docstring); its full source (bot: the whole function).
 
 Each task takes its own seeded shuffle of the same pool of functions (identical sources are kept once)
 and keeps the first `--per-task` records that fit in `--max-tokens` tokens. Nothing depends on the clock
-or on the file system's order, so the same library version, seed and sizes give byte-identical files.
+or on the file system's order, so the same library version, seed and sizes give byte-identical files
+(the package's version is recorded in `<out>/profile.json`).
 Code functions are long-tailed by nature (most are short, a few are very long), so the samples are too;
 the script prints the length profile measured with mftcoder's own renderer and the shipped tokenizer.
 
@@ -332,10 +333,7 @@ def build(out: Path, per_task: int, seed: int, max_tokens: int, package: str, qu
         profiles[task] = profile(kept_lengths)
         everything += kept_lengths
     profiles["all"] = profile(everything)
-    import transformers  # only for its version, which fixes the source the data came from
-
-    meta = {"format": FORMAT, "package": package, "package_version": transformers.__version__
-            if package == "transformers" else _version(package), "per_task": per_task, "seed": seed,
+    meta = {"format": FORMAT, "package": package, "package_version": _version(package), "per_task": per_task, "seed": seed,
             "max_tokens": max_tokens, "pool": len(pool), "profile": profiles}
     (out / "profile.json").write_text(json.dumps(meta, indent=1) + "\n")
     if not quiet:

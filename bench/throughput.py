@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Training throughput of mftcoder (pack / dynamic / padding) against Hugging Face `Trainer` and TRL `SFTTrainer`.
 
-    python bench/throughput.py             # the main table (~10 minutes on 2 CPU cores)
+    python bench/throughput.py             # the main table (~11 minutes on 2 CPU cores)
     python bench/throughput.py --quick     # a smoke test on a tiny subset (< 2 minutes)
-    python bench/throughput.py --scaling   # seq_length sweep, a wider model, tokenization time (~10 minutes)
+    python bench/throughput.py --scaling   # seq_length sweep, a wider model, tokenization time (~7 minutes)
 
 Every variant trains the same tiny random-initialised GPT-NeoX (hidden 64, 2 layers, GPT-NeoX-20B vocabulary,
 fixed seed) for one pass over exactly the same samples, in its own fresh subprocess, so its peak memory is that
@@ -11,7 +11,7 @@ process's maximum RSS. Token ids and loss masks come from mftcoder's renderer fo
 the plain token mean over bot tokens + EOS everywhere (mftcoder `case1`). Throughput counts only the training
 steps: mftcoder's `RunResult.train_seconds`; for HF/TRL a callback timing from the first `on_step_begin` to the
 last `on_step_end`, with real and supervised tokens counted from the batches those steps trained on.
-The Markdown report goes to stdout and to `--report` (default bench/results.md).
+The Markdown report goes to stdout and to `--report` (default bench/results.md, bench/results-scaling.md).
 """
 
 from __future__ import annotations
@@ -149,43 +149,39 @@ def worker_mftcoder(spec: dict) -> dict:
             "last_loss": result.step_losses[-1] if result.step_losses else float("nan")}
 
 
-class StepTimer:
-    """TrainerCallback: wall time from the first on_step_begin to the last on_step_end."""
+def step_timer():
+    """A TrainerCallback measuring wall time from the first on_step_begin to the last on_step_end."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.first_begin = None
+            self.last_end = None
 
-        class _Timer(TrainerCallback):
-            def __init__(self):
-                self.first_begin = None
-                self.last_end = None
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.first_begin is None:
+                self.first_begin = time.perf_counter()
 
-            def on_step_begin(self, args, state, control, **kwargs):
-                if self.first_begin is None:
-                    self.first_begin = time.perf_counter()
+        def on_step_end(self, args, state, control, **kwargs):
+            self.last_end = time.perf_counter()
 
-            def on_step_end(self, args, state, control, **kwargs):
-                self.last_end = time.perf_counter()
+        @property
+        def seconds(self) -> float:
+            return (self.last_end - self.first_begin) if self.first_begin is not None else 0.0
 
-            @property
-            def seconds(self) -> float:
-                return (self.last_end - self.first_begin) if self.first_begin is not None else 0.0
-
-        return _Timer()
+    return StepTimer()
 
 
 def counting(trainer_cls):
     """A subclass of an HF trainer that counts real and supervised tokens and the loss of every trained batch."""
 
     class Counting(trainer_cls):
-        counted_tokens = 0
-        counted_supervised = 0
-        counted_batches = 0
-        losses: list
+        def __init__(self, *args, **kwargs):
+            self.counted_tokens = self.counted_supervised = self.counted_batches = 0
+            self.losses: list[float] = []
+            super().__init__(*args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not hasattr(self, "losses"):
-                self.losses = []
             labels = inputs["labels"]
             if "attention_mask" in inputs:
                 self.counted_tokens += int(inputs["attention_mask"].sum())
@@ -260,7 +256,7 @@ def worker_hf(spec: dict) -> dict:
     items = [{"input_ids": ids.tolist(), "mask": mask.tolist()} for ids, mask in shuffled(samples)]
     model = build_model(spec["model"], tokenizer)
     args = TrainingArguments(**common_training_args(Path(spec["work"])), remove_unused_columns=False)
-    timer = StepTimer()
+    timer = step_timer()
     trainer = counting(Trainer)(model=model, args=args, train_dataset=ListDataset(items),
                                 data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[timer])
     trainer.train()
@@ -328,7 +324,7 @@ def worker_trl(spec: dict) -> dict:
     packing = spec["mode"] == "packing"
     args = SFTConfig(**common_training_args(Path(spec["work"])), max_length=spec["seq_length"], packing=packing,
                      completion_only_loss=True, shuffle_dataset=False, dataset_num_proc=None)
-    timer = StepTimer()
+    timer = step_timer()
 
     class Checked(counting(SFTTrainer)):
         def compute_loss_unchecked(self, model, inputs):
@@ -354,6 +350,7 @@ def worker_tokenize(spec: dict) -> dict:
     """mftcoder's cached tokenizer (load_tokenized) on fresh cache dirs, for several record counts."""
     import numpy as np
 
+    from mftcoder.data import tokenize as tokenize_module
     from mftcoder.data.tasks import discover_tasks
     from mftcoder.data.tokenize import load_tokenized
 
@@ -370,8 +367,11 @@ def worker_tokenize(spec: dict) -> dict:
         again = load_tokenized(task, tokenizer, template, cache)
         cached_seconds = time.perf_counter() - started
         assert again.from_cache and len(again) == len(data)
+        num_bytes = sum(p.stat().st_size for p in task.files)
+        parallel = num_bytes >= getattr(tokenize_module, "PARALLEL_MIN_BYTES", float("inf"))
         rows.append({"records": len(data), "tokens": int(np.asarray(data.lengths).sum()), "seconds": seconds,
-                     "cached_seconds": cached_seconds, "bytes": sum(p.stat().st_size for p in task.files)})
+                     "cached_seconds": cached_seconds, "bytes": num_bytes,
+                     "processes": (os.cpu_count() or 1) if parallel else 1})
     return {"rows": rows}
 
 
@@ -380,7 +380,6 @@ WORKERS = {"mftcoder": worker_mftcoder, "hf": worker_hf, "trl": worker_trl, "tok
 
 def worker_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
     result = WORKERS[spec["kind"]](spec)
     result["process_seconds"] = time.perf_counter() - started
@@ -462,7 +461,7 @@ def run_worker(spec: dict, work: Path, name: str, timeout: float, wait_idle: flo
     log_path = work / "log.txt"
     started = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+           "TQDM_DISABLE": "1"}
     print(f"  {name} ...", end="", flush=True)
     busy_before, own_before = cpu_busy_seconds(), children_cpu_seconds()
     try:
@@ -486,9 +485,9 @@ def run_worker(spec: dict, work: Path, name: str, timeout: float, wait_idle: flo
     result = json.loads(result_lines[-1][len(RESULT_MARK):])
     result["wall"] = wall
     result["others"] = other_load
-    rate = result["supervised"] / result["train_seconds"] if result.get("train_seconds") else float("nan")
-    print(f" {wall:.0f}s wall, {result.get('train_seconds', 0):.1f}s training, {rate:.0f} supervised tok/s, "
-          f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB"
+    speed = (f"{result['train_seconds']:.1f}s training, {result['supervised'] / result['train_seconds']:.0f} "
+             "supervised tok/s, ") if result.get("train_seconds") else ""
+    print(f" {wall:.0f}s wall, {speed}peak RSS {result['peak_rss'] / 2**30:.2f} GiB"
           + (f", other processes {other_load:.2f} cores" if other_load is not None else ""), flush=True)
     return result
 
@@ -749,10 +748,10 @@ def scaling_sections(args, work: Path) -> str:
         folders.append((size, str(folder)))
     result = run_worker({"kind": "tokenize", "sizes": folders}, work / "tokenize-run", "tokenization", args.timeout,
                         args.wait_idle)
-    rows = ["| records | MB of JSONL | tokens | tokenize + cache s | records/s | tokens/s | load from cache s |",
-            "|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| records | MB of JSONL | tokens | processes | tokenize + cache s | records/s | tokens/s | "
+            "load from cache s |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result.get("rows", []):
-        rows.append(f"| {r['records']} | {r['bytes'] / 1e6:.1f} | {r['tokens']} | {r['seconds']:.2f} | "
+        rows.append(f"| {r['records']} | {r['bytes'] / 1e6:.1f} | {r['tokens']} | {r['processes']} | {r['seconds']:.2f} | "
                     f"{r['records'] / r['seconds']:.0f} | {r['tokens'] / r['seconds']:.0f} | {r['cached_seconds']:.3f} |")
     sections += ["### Tokenization (`mftcoder.data.tokenize.load_tokenized`, fresh cache dir, default workers)", "",
                  *rows, ""]
@@ -778,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-length", type=int, default=None, help="seq_length of the main table (default 1024)")
     parser.add_argument("--variants", type=lambda s: s.split(","), default=None,
                         help=f"comma-separated subset of {','.join(MAIN_VARIANTS)}")
-    parser.add_argument("--report", type=Path, default=BENCH / "results.md", help="Markdown report (default bench/results.md)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="Markdown report (default bench/results.md; with --scaling bench/results-scaling.md)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before a variant's process is stopped")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, checkpoints)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
@@ -793,10 +793,12 @@ def main(argv: list[str] | None = None) -> int:
         args.scaling_samples, args.wide_samples = 18, 9
         args.seq_lengths, args.tokenize_sizes = [128, 256], [300, 600]
     else:
-        args.samples = args.samples or 96
+        args.samples = args.samples or 150
         args.seq_length = args.seq_length or 1024
-        args.scaling_samples, args.wide_samples = 60, 30
+        args.scaling_samples, args.wide_samples = 60, 24
         args.seq_lengths, args.tokenize_sizes = [256, 512, 1024, 2048], [1000, 2000, 4000, 8000]
+    if args.report is None:
+        args.report = BENCH / ("results-scaling.md" if args.scaling else "results.md")
     work = Path(tempfile.mkdtemp(prefix="mftcoder-bench-"))
     started = time.perf_counter()
     try:
