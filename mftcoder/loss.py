@@ -149,11 +149,10 @@ class SupervisedLM(nn.Module):
         """(sum of coefficient * token loss, to backpropagate; None without coefficients) and the per-token
         cross-entropy (float32, detached) at the batch's supervised positions, in loss_mask order."""
         if batch.position_ids is not None:  # packed: restarting positions and no mask isolate the samples
-            hidden = self.body()(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
-                                 use_cache=False).last_hidden_state
+            layout = {"position_ids": batch.position_ids, "attention_mask": None}
         else:
-            hidden = self.body()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 use_cache=False).last_hidden_state
+            layout = {"attention_mask": batch.attention_mask}
+        hidden = self.body()(input_ids=batch.input_ids, use_cache=False, **layout).last_hidden_state
         selected, targets = hidden[batch.loss_mask], batch.targets[batch.loss_mask]
         head = self.head()
         if coefficients is None:

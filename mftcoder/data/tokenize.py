@@ -71,7 +71,6 @@ class ChunkEncoder:
     template: ChatTemplate
 
     def __call__(self, job: tuple[str, list[tuple[int, str | BadRecord]]]) -> EncodedChunk:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # inside a worker process, one thread each
         path, lines = job
         conversations, numbers, errors = [], [], []
         num_bytes = sum(len(text) + 1 for _, text in lines if isinstance(text, str))
@@ -153,6 +152,11 @@ def _chunks(task: Task) -> Iterator[tuple[str, list[tuple[int, str | BadRecord]]
             yield str(path), chunk
 
 
+def _single_threaded_worker() -> None:
+    """In a tokenization worker process: one tokenizer thread each (the processes are the parallelism)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def _run_encoder(task: Task, encoder: ChunkEncoder, workers: int) -> Iterator[EncodedChunk]:
     """Encode the task chunk by chunk, in order; in worker processes when the data is large enough."""
     total_bytes = sum(p.stat().st_size for p in task.files)
@@ -161,7 +165,7 @@ def _run_encoder(task: Task, encoder: ChunkEncoder, workers: int) -> Iterator[En
         if workers > 1 and total_bytes >= PARALLEL_MIN_BYTES:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            with context.Pool(workers) as pool:
+            with context.Pool(workers, initializer=_single_threaded_worker) as pool:
                 for chunk in pool.imap(encoder, _chunks(task)):
                     progress.update(chunk.num_bytes)
                     yield chunk
