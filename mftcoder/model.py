@@ -108,10 +108,6 @@ def prepare_for_training(model, config: Config):
     return model
 
 
-def build_model(config: Config, tokenizer, full_weights: Path | None = None):
-    """load_base_model, then prepare_for_training."""
-    return prepare_for_training(load_base_model(config, tokenizer, full_weights), config)
-
 
 def lora_targets(config: Config, family: str) -> list[str] | str:
     return config.target_modules or LORA_TARGETS.get(family, "all-linear")

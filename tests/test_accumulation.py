@@ -12,7 +12,7 @@ from mftcoder.data.batching import collate
 from mftcoder.data.records import parse_record
 from mftcoder.data.tokenize import encode_conversations
 from mftcoder.loss import LOSS_MODES, StepCounts, SupervisedLM, TaskTotals
-from mftcoder.model import DEMO_DATA, build_model
+from mftcoder.model import DEMO_DATA, load_base_model
 from mftcoder.train.distributed import DistEnv, Parallelism
 from mftcoder.train.loop import accumulate_gradients
 
@@ -42,7 +42,7 @@ def step_gradients(model, batches, mode, weights):
 @pytest.mark.parametrize("mode", LOSS_MODES)
 def test_accumulation_equals_one_big_batch(samples, tokenizer, mode):
     config, _ = build_config({"model_config": "tiny-test", "seed": 3})
-    model = build_model(config, tokenizer)
+    model = load_base_model(config, tokenizer)
     weights = torch.tensor([1.0, 2.0, 0.5])
     big_loss, big = step_gradients(model, [collate([[s] for s in samples], tokenizer.pad_token_id)], mode, weights)
     small = [collate([[s] for s in samples[i:i + 2]], tokenizer.pad_token_id) for i in range(0, 8, 2)]
