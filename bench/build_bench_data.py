@@ -258,12 +258,9 @@ BUILDERS = {"code_generation": generation_record, "code_docstring": docstring_re
 def renderer():
     """mftcoder's tokenizer and template (the ones training uses), for exact token counts."""
     from mftcoder.config import build_config
-    from mftcoder.data.template import build_template
     from mftcoder.model import load_tokenizer
 
-    template = build_template("mftcoder")
-    config, _ = build_config({})
-    tokenizer = load_tokenizer(config, template)
+    tokenizer, template = load_tokenizer(build_config({})[0])
     tokenizer.model_max_length = 10**9  # we only count tokens; silence the "longer than 2048" warning
     return tokenizer, template
 

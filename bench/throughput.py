@@ -70,12 +70,9 @@ def pack_available() -> bool:
 
 def renderer():
     from mftcoder.config import build_config
-    from mftcoder.data.template import build_template
     from mftcoder.model import load_tokenizer
 
-    template = build_template("mftcoder")
-    config, _ = build_config({})
-    tokenizer = load_tokenizer(config, template)
+    tokenizer, template = load_tokenizer(build_config({})[0])
     tokenizer.model_max_length = 10**9  # counting only; no "longer than 2048" warnings
     return tokenizer, template
 

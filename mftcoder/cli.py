@@ -30,12 +30,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from mftcoder.data.prepare import check_report, prepare_data
-    from mftcoder.data.template import build_template
     from mftcoder.model import load_tokenizer
 
     config = _load(args)
-    template = build_template(config.chat_template, config.chat_markers)
-    tokenizer = load_tokenizer(config, template)
+    tokenizer, template = load_tokenizer(config)
     prepared = prepare_data(config, tokenizer, template, raise_on_bad=False)
     for error in prepared.errors:
         print(error)
@@ -88,7 +86,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from mftcoder.infer import generate_file, load
 
-    model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     count = generate_file(model, tokenizer, Path(args.input), Path(args.output), _sampling(args), args.batch_size)
     print(f"{count} record(s) written to {args.output}")
     return 0
@@ -97,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from mftcoder.infer import chat, load
 
-    model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     chat(model, tokenizer, _sampling(args), system=args.system)
     return 0
 
@@ -106,6 +104,8 @@ def _model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a Hugging Face model directory (a checkpoint or merged model)")
     p.add_argument("--adapter", help="a LoRA checkpoint to apply on top of --model")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model directory")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and compute dtype (default: float32 on CPU, the checkpoint's own on GPU)")
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--do_sample", action="store_true", help="sample (else greedy or beam search)")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -56,7 +56,7 @@ class Config:
     on_bad_record: str = opt("error", "Bad JSONL records: 'error' reports all and stops; 'skip' skips and counts them.", ("error", "skip"), section="data")
     over_length: str = opt("truncate", "Samples longer than seq_length: 'truncate' them or 'drop' them (counted either way).", ("truncate", "drop"), section="data")
     seq_length: int = opt(2048, "Maximum tokens per sample (the model's input length).", section="data")
-    chat_template: str = opt("mftcoder", "Template preset: 'mftcoder' (the reference's <|role_start|>role<|role_end|>), 'codefuse' (<s>human\\n), 'chatml'.", section="data")
+    chat_template: str = opt("mftcoder", "Template: a preset ('mftcoder', the reference's <|role_start|>role<|role_end|>; 'codefuse', <s>human\\n; 'chatml') or 'model' (the chat template the tokenizer carries).", ("mftcoder", "codefuse", "chatml", "model"), section="data")
     chat_markers: dict[str, str] = opt({}, "Override template markers: keys system, human, bot (turn prefixes), system_end, human_end, bot_end (text after the bot's EOS).", section="data")
     tokenizer_path: str | None = opt(None, "Tokenizer directory (default: pretrained_model_path, else the shipped GPT-NeoX-20B tokenizer). Alias: vocab_file.", section="data")
     data_cache_dir: str | None = opt(None, "Where tokenized data is cached (default $MFTCODER_CACHE or ~/.cache/mftcoder).", section="data")
@@ -85,8 +85,8 @@ class Config:
     # --- optimisation -------------------------------------------------------------------------
     num_train_epochs: int = opt(1, "Epochs over the training split.")
     max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run all epochs).")
-    per_device_train_batch_size: int = opt(8, "Samples per micro-batch on each process.")
-    total_train_batch_size: int | None = opt(None, "Samples per micro-batch over all processes (reference); sets per_device_train_batch_size = total / world size.")
+    per_device_train_batch_size: int | None = opt(None, "Samples (rows when packing) per micro-batch on each process (null: 8, or total_train_batch_size / processes).")
+    total_train_batch_size: int | None = opt(None, "Samples per micro-batch over all processes (the reference's key): per_device_train_batch_size = total / processes.")
     per_device_valid_batch_size: int = opt(8, "Samples per evaluation batch on each process.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
     learning_rate: float = opt(1e-5, "Peak learning rate (1e-5 full fine-tuning, 1e-4..2e-4 LoRA).")
@@ -101,7 +101,7 @@ class Config:
     weighted_loss_mode: str = opt("case3", "Multi-task loss: case1 token mean, case2 sample mean, case3 per-task token mean, case4 per-task sample mean.", ("case1", "case2", "case3", "case4"))
     task_weights: list[float] | dict[str, float] = opt([], "Per-task loss weights for case3/case4 (list in task order or {task: w}).")
     max_nonfinite_steps: int = opt(3, "Stop with an error after this many NaN/inf losses in a row (each skips its update).")
-    padding_mode: str = opt("pack", "Batch shape: 'pack' fills rows of seq_length with whole samples (isolated from each other; per_device_train_batch_size counts rows); 'dynamic' pads to the longest sample of a length-grouped batch; 'padding' pads every sample to seq_length (the reference).", ("pack", "dynamic", "padding"))
+    padding_mode: str = opt("auto", "Batch shape: 'pack' fills rows of seq_length with whole samples (isolated from each other; per_device_train_batch_size counts rows); 'dynamic' pads to the longest sample of a length-grouped batch; 'padding' pads every sample to seq_length (the reference); 'auto' packs when a start-up check shows the model keeps packed samples apart, else dynamic.", ("auto", "pack", "dynamic", "padding"))
     num_workers: int = opt(0, "DataLoader worker processes.")
     seed: int = opt(42, "Seed for splits, sampling order, initialisation and dropout.")
     train_mode: str = opt("sft", "Reference placeholder: only 'sft'.", ("sft",))
@@ -343,10 +343,11 @@ def validate(config: Config, given: set[str]) -> list[str]:
             match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f"; did you mean '{match[0]}'?" if match else ""
             raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
-    positive = ("seq_length", "per_device_train_batch_size", "per_device_valid_batch_size", "gradient_accumulation_steps",
-                "evaluation_steps", "checkpointing_steps", "log_interval", "num_train_epochs", "lora_rank")
+    positive = ("seq_length", "per_device_train_batch_size", "total_train_batch_size", "per_device_valid_batch_size",
+                "gradient_accumulation_steps", "evaluation_steps", "checkpointing_steps", "log_interval",
+                "num_train_epochs", "lora_rank")
     for name in positive:
-        if getattr(config, name) <= 0:
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
             raise ConfigError(f"{name}: must be positive, got {getattr(config, name)}")
     if config.max_nonfinite_steps < 1:
         raise ConfigError(f"max_nonfinite_steps: must be at least 1, got {config.max_nonfinite_steps}")
@@ -379,6 +380,23 @@ def validate(config: Config, given: set[str]) -> list[str]:
         if any(w < 0 for w in values):
             raise ConfigError(f"{name}: weights must not be negative")
     return [PLACEHOLDER_NOTICES[k] for k in sorted(given) if k in PLACEHOLDER_NOTICES]
+
+
+def resolve_for_world(config: Config, world_size: int) -> Config:
+    """The settings that depend on the number of processes: `dp` must equal it, and `total_train_batch_size`
+    (the reference's global micro-batch) sets the per-process batch."""
+    if config.dp is not None and config.dp != world_size:
+        raise ConfigError(f"dp: set to {config.dp} but {world_size} process(es) are running; "
+                          "launch with torchrun --nproc_per_node=DP")
+    total, per_device = config.total_train_batch_size, config.per_device_train_batch_size
+    if total is None:
+        return dataclasses.replace(config, per_device_train_batch_size=per_device or 8)
+    if total % world_size:
+        raise ConfigError(f"total_train_batch_size: {total} samples do not divide evenly over {world_size} processes")
+    if per_device is not None and per_device * world_size != total:
+        raise ConfigError(f"total_train_batch_size ({total}) and per_device_train_batch_size ({per_device}) disagree: "
+                          f"{world_size} process(es) x {per_device} = {per_device * world_size}; set only one of them")
+    return dataclasses.replace(config, per_device_train_batch_size=total // world_size)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from mftcoder.data.records import BadRecord, DataError, Turn, parse_json_object, read_lines, record_turns
-from mftcoder.data.template import build_template
+from mftcoder.data.template import ChatTemplate, ModelTemplate, saved_template, stop_token_ids
+from mftcoder.data.tokenize import encode_conversations
 
 
 @dataclass
@@ -39,19 +40,23 @@ class Sampling:
 
 
 def load(model_dir: str | Path, adapter: str | Path | None = None, device: str | None = None,
-         trust_remote_code: bool = False):
+         trust_remote_code: bool = False, dtype: str | None = None):
     """(model, tokenizer) ready for generation. The tokenizer (and its chat template) comes from the adapter
-    checkpoint when given, else from the model directory; without a chat template, the default is used."""
+    checkpoint when given, else from the model directory; without a chat template, the default is used.
+    dtype: None computes in float32 on CPU (half precision is slow there) and in the checkpoint's dtype on GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
-    if tokenizer.chat_template is None:
-        print(f"note: {tokenizer_dir} has no chat_template; using the default mftcoder template", file=sys.stderr)
-        tokenizer.chat_template = build_template("mftcoder").jinja()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", trust_remote_code=trust_remote_code)
+    if tokenizer.chat_template is None:
+        print(f"note: {tokenizer_dir} has no chat_template; using the default mftcoder template", file=sys.stderr)
+        tokenizer.chat_template = saved_template(tokenizer).jinja()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("float32" if torch.device(device).type == "cpu" else "auto")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                                 trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
 
@@ -59,19 +64,15 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, device: str |
 
         check_adapter_fits(model, Path(adapter))
         model = PeftModel.from_pretrained(model, str(adapter))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 
 
-def as_messages(turns: list[Turn] | list[dict]) -> list[dict]:
-    return [t if isinstance(t, dict) else {"role": t.role, "content": t.content} for t in turns]
-
-
-def prompt_ids(tokenizer, turns: list[Turn] | list[dict]) -> list[int]:
-    """Token ids of a conversation (Turns or {role, content} dicts) that ends with the human turn to answer,
-    up to and including the bot marker: exactly the training rendering's prefix (the chat template is the
-    renderer's Jinja twin)."""
-    return tokenizer.apply_chat_template(as_messages(turns), add_generation_prompt=True, return_dict=False)
+def prompt_ids(tokenizer, turns: list[Turn], template: ChatTemplate | ModelTemplate | None = None) -> list[int]:
+    """Token ids of a conversation that ends with the human turn to answer, up to and including the bot marker,
+    rendered and tokenized as in training (template: the one the tokenizer carries, unless given)."""
+    (ids, _), = encode_conversations(tokenizer, template or saved_template(tokenizer), [tuple(turns)],
+                                     add_generation_prompt=True)
+    return ids.tolist()
 
 
 @torch.no_grad()
@@ -80,6 +81,7 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, bat
     """Generate for each prompt (token ids), left-padded in batches; returns num_return_sequences new texts
     per prompt, decoded without the prompt and stopped at EOS."""
     device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer, saved_template(tokenizer))
     outputs: list[list[str]] = []
     torch.manual_seed(sampling.seed)
     batches = range(0, len(prompts), batch_size)
@@ -92,7 +94,7 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, bat
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention[row, width - len(ids):] = 1
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
                                    streamer=streamer, **sampling.generate_kwargs())
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         n = sampling.num_return_sequences
@@ -122,7 +124,8 @@ def generate_file(model, tokenizer, input_path: Path, output_path: Path, samplin
                   batch_size: int = 8) -> int:
     """`mftcoder generate`: one output line per input record, the record plus its "generations"."""
     records, conversations = read_prompts(input_path)
-    prompts = [prompt_ids(tokenizer, turns) for turns in conversations]
+    template = saved_template(tokenizer)
+    prompts = [prompt_ids(tokenizer, turns, template) for turns in conversations]
     texts = generate(model, tokenizer, prompts, sampling, batch_size, progress=True)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with open(output_path, "w", encoding="utf-8") as f:

@@ -130,13 +130,18 @@ class TaskTotals:
 
 
 class SupervisedLM(nn.Module):
-    """Wraps a causal LM: runs its body, then the output layer and cross-entropy only at supervised
-    positions, in chunks, so [tokens, vocab] logits are never built for prompt or pad tokens."""
+    """Wraps a causal LM: runs its body, then the output layer and cross-entropy only at supervised positions.
 
-    def __init__(self, model: nn.Module, chunk_tokens: int = 1024):
+    fused_head: the output layer is fused with the cross-entropy, in chunks, so [tokens, vocab] logits are never
+    built; only valid where the logits are exactly the output layer of the last hidden state. Otherwise (logit
+    soft-capping or scaling, a router loss) the model's own forward gives the logits at the supervised positions
+    (`logits_to_keep`), and its auxiliary loss, if any, is added with the model's coefficient."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = 1024, fused_head: bool = True):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.fused_head = fused_head
 
     def body(self) -> nn.Module:
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -145,21 +150,24 @@ class SupervisedLM(nn.Module):
     def head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
-    def forward(self, batch: Batch, coefficients: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(sum of coefficient * token loss, to backpropagate; None without coefficients) and the per-token
-        cross-entropy (float32, detached) at the batch's supervised positions, in loss_mask order."""
+    def forward(self, batch: Batch, coefficients: torch.Tensor | None = None,
+                aux_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of coefficient * token loss [+ aux_scale * the model's weighted auxiliary loss], to backpropagate)
+        and the per-token cross-entropy (float32, detached) at the supervised positions, in loss_mask order."""
         if batch.position_ids is not None:  # packed: restarting positions and no mask isolate the samples
             layout = {"position_ids": batch.position_ids, "attention_mask": None}
         else:
             layout = {"attention_mask": batch.attention_mask}
-        hidden = self.body()(input_ids=batch.input_ids, use_cache=False, **layout).last_hidden_state
-        selected, targets = hidden[batch.loss_mask], batch.targets[batch.loss_mask]
-        head = self.head()
+        targets = batch.targets[batch.loss_mask]
         if coefficients is None:
             coefficients = torch.zeros(len(targets), device=targets.device)
+        if not self.fused_head:
+            return self._model_logits_loss(batch, layout, targets, coefficients, aux_scale)
+        hidden = self.body()(input_ids=batch.input_ids, use_cache=False, **layout).last_hidden_state
+        selected, head = hidden[batch.loss_mask], self.head()
         if type(head) is nn.Linear:  # the usual output layer: fused, no logits kept for backward
-            return FusedLinearCrossEntropy.apply(selected, head.weight, head.bias, targets,
-                                                 coefficients.float(), self.chunk_tokens)
+            return fused_linear_cross_entropy(selected, head.weight, head.bias, targets, coefficients.float(),
+                                              self.chunk_tokens)
         pieces = []  # e.g. an adapter on the output layer: recompute each chunk's logits in backward
         for start in range(0, max(1, len(selected)), self.chunk_tokens):  # an empty chunk keeps the graph whole
             h, t = selected[start:start + self.chunk_tokens], targets[start:start + self.chunk_tokens]
@@ -168,9 +176,38 @@ class SupervisedLM(nn.Module):
         losses = torch.cat(pieces)
         return (losses * coefficients.to(losses.dtype)).sum(), losses.detach()
 
+    def _model_logits_loss(self, batch: Batch, layout: dict, targets: torch.Tensor, coefficients: torch.Tensor,
+                           aux_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        columns = batch.loss_mask.any(0)  # every position supervised in some row; logits only there
+        out = self.model(input_ids=batch.input_ids, use_cache=False, logits_to_keep=columns.nonzero().squeeze(1),
+                         **layout)
+        rows, positions = batch.loss_mask.nonzero(as_tuple=True)  # row-major: loss_mask order
+        logits = out.logits[rows, (columns.cumsum(0) - 1)[positions]]
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        total = (losses * coefficients.to(losses.dtype)).sum()
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None:
+            total = total + aux_scale * self.model.config.router_aux_loss_coef * aux
+        return total, losses.detach()
+
 
 def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               targets: torch.Tensor, coefficients: torch.Tensor,
+                               chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_i c_i * CE(W h_i + b, y_i) and the token losses; without autograd (evaluation) no gradient is formed."""
+    inputs = (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, coefficients, chunk_tokens)
+    losses = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+    for start in range(0, len(targets), chunk_tokens):
+        logits = F.linear(hidden[start:start + chunk_tokens], weight, bias).float()
+        y = targets[start:start + chunk_tokens]
+        losses[start:start + chunk_tokens] = torch.logsumexp(logits, dim=1) - logits.gather(1, y[:, None]).squeeze(1)
+    return (losses.double() * coefficients.double()).sum().float(), losses
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -186,19 +223,18 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        weight32 = weight.float() if need_hidden else None  # once, not per chunk (no copy when already fp32)
         for start in range(0, len(targets), chunk_tokens):
             end = min(start + chunk_tokens, len(targets))
             h, y = hidden[start:end], targets[start:end]
             logits = F.linear(h, weight, bias).float()
             log_norm = torch.logsumexp(logits, dim=1)
             losses[start:end] = log_norm - logits.gather(1, y[:, None]).squeeze(1)
-            if not (need_hidden or need_weight or need_bias):
-                continue
             grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
             grad_logits[torch.arange(end - start, device=y.device), y] -= 1.0
             grad_logits.mul_(coefficients[start:end, None])
             if need_hidden:
-                grad_hidden[start:end] = (grad_logits @ weight.float()).to(hidden.dtype)
+                grad_hidden[start:end] = (grad_logits @ weight32).to(hidden.dtype)
             if need_weight:
                 grad_weight.addmm_(grad_logits.t(), h.float())
             if need_bias:

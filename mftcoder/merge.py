@@ -57,6 +57,9 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_size: str 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mftcoder.data.template import saved_template, stop_token_ids
+    from mftcoder.model import set_special_token_ids
+
     for path, what in ((base_dir, "base model"), (adapter_dir, "adapter")):
         if not path.is_dir():
             raise DataError(f"{path}: {what} folder does not exist")
@@ -67,11 +70,9 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_size: str 
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    merged.config.eos_token_id = tokenizer.eos_token_id
-    merged.config.pad_token_id = tokenizer.pad_token_id
-    if merged.generation_config is not None:
-        merged.generation_config.eos_token_id = tokenizer.eos_token_id
-        merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    set_special_token_ids(merged, tokenizer, stop_token_ids(tokenizer, saved_template(tokenizer)))
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(out_dir))

@@ -6,22 +6,13 @@ import json
 from pathlib import Path
 
 from mftcoder.config import Config, ConfigError
-from mftcoder.data.template import ChatTemplate
+from mftcoder.data.template import ChatTemplate, ModelTemplate, build_template, stop_token_ids
+from mftcoder.families import attn_implementation, family
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_TOKENIZER = ASSETS / "tokenizer"
 SHIPPED_MODEL_CONFIGS = {path.stem: path for path in sorted((ASSETS / "models").glob("*.json"))}
 DEMO_DATA = ASSETS / "demo_data"
-
-# The one table of per-family defaults: LoRA target modules.
-LORA_TARGETS = {
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
-    "gpt_bigcode": ["c_attn", "c_proj", "c_fc"],
-}
 
 
 def tokenizer_source(config: Config) -> Path:
@@ -29,8 +20,8 @@ def tokenizer_source(config: Config) -> Path:
     return Path(config.tokenizer_path or config.pretrained_model_path or SHIPPED_TOKENIZER)
 
 
-def load_tokenizer(config: Config, template: ChatTemplate):
-    """The run's tokenizer, with the training template as its chat_template and a pad token set."""
+def load_tokenizer(config: Config) -> tuple[object, ChatTemplate | ModelTemplate]:
+    """The run's tokenizer (a pad token set, the training template as its chat_template) and that template."""
     from transformers import AutoTokenizer
 
     source = tokenizer_source(config)
@@ -43,8 +34,9 @@ def load_tokenizer(config: Config, template: ChatTemplate):
         raise ConfigError(f"{source}: the tokenizer has no eos_token; the template ends every bot turn with it")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    template = build_template(config.chat_template, config.chat_markers, tokenizer)
     tokenizer.chat_template = template.jinja()
-    return tokenizer
+    return tokenizer, template
 
 
 def model_config_path(name_or_path: str) -> Path:
@@ -64,7 +56,8 @@ def read_model_config(name_or_path: str) -> dict:
     return json.loads(model_config_path(name_or_path).read_text())
 
 
-def load_base_model(config: Config, tokenizer, full_weights: Path | None = None):
+def load_base_model(config: Config, tokenizer, template: ChatTemplate | ModelTemplate,
+                    full_weights: Path | None = None):
     """The model to fine-tune: a local HF model, or a random-initialised one from a config (seeded).
     `full_weights` (a full checkpoint being resumed) replaces either."""
     import torch
@@ -74,29 +67,34 @@ def load_base_model(config: Config, tokenizer, full_weights: Path | None = None)
         path = Path(full_weights or config.pretrained_model_path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"pretrained_model_path: {path} is not a Hugging Face model directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
-                                                     trust_remote_code=config.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=torch.float32,
+                                                     trust_remote_code=config.trust_remote_code,
+                                                     attn_implementation=attn_implementation(model_config))
     elif config.model_config:
-        values = read_model_config(config.model_config)
-        model_config = AutoConfig.for_model(**values)
+        model_config = AutoConfig.for_model(**read_model_config(config.model_config))
         torch.manual_seed(config.seed)
-        model = AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa",
-                                                 trust_remote_code=config.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code,
+                                                 attn_implementation=attn_implementation(model_config))
     else:
         raise ConfigError("no model: set pretrained_model_path (a local HF model) or model_config "
                           f"(random init: {', '.join(SHIPPED_MODEL_CONFIGS)})")
-    family = model.config.model_type
-    if config.model_type not in ("auto", family):
-        raise ConfigError(f"model_type: the config says {config.model_type!r} but the model is {family!r}")
+    if config.model_type not in ("auto", model.config.model_type):
+        raise ConfigError(f"model_type: the config says {config.model_type!r} but the model is {model.config.model_type!r}")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                           f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer")
+    set_special_token_ids(model, tokenizer, stop_token_ids(tokenizer, template))
+    return model
+
+
+def set_special_token_ids(model, tokenizer, stops: list[int]) -> None:
+    """The tokenizer's pad and EOS in the model config; generation stops at EOS and the end-of-turn token."""
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
 
 
 def prepare_for_training(model, config: Config):
@@ -109,8 +107,9 @@ def prepare_for_training(model, config: Config):
 
 
 
-def lora_targets(config: Config, family: str) -> list[str] | str:
-    return config.target_modules or LORA_TARGETS.get(family, "all-linear")
+def lora_targets(config: Config, model_type: str) -> list[str] | str:
+    targets = family(model_type).lora_targets
+    return config.target_modules or (targets if isinstance(targets, str) else list(targets))
 
 
 def apply_lora(model, config: Config):

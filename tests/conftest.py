@@ -8,19 +8,23 @@ from pathlib import Path
 import pytest
 
 from mftcoder.config import build_config
-from mftcoder.data.template import build_template
 from mftcoder.model import DEMO_DATA, load_tokenizer
 
 
 @pytest.fixture(scope="session")
-def template():
-    return build_template("mftcoder")
+def tokenizer_and_template():
+    """The shipped GPT-NeoX tokenizer with the default (mftcoder) template."""
+    return load_tokenizer(build_config({})[0])
 
 
 @pytest.fixture(scope="session")
-def tokenizer(template):
-    config, _ = build_config({})
-    return load_tokenizer(config, template)
+def tokenizer(tokenizer_and_template):
+    return tokenizer_and_template[0]
+
+
+@pytest.fixture(scope="session")
+def template(tokenizer_and_template):
+    return tokenizer_and_template[1]
 
 
 def write_task(root: Path, name: str, lines: list, filename: str = "data.jsonl") -> Path:

@@ -40,9 +40,9 @@ def step_gradients(model, batches, mode, weights):
 
 
 @pytest.mark.parametrize("mode", LOSS_MODES)
-def test_accumulation_equals_one_big_batch(samples, tokenizer, mode):
+def test_accumulation_equals_one_big_batch(samples, tokenizer, template, mode):
     config, _ = build_config({"model_config": "tiny-test", "seed": 3})
-    model = load_base_model(config, tokenizer)
+    model = load_base_model(config, tokenizer, template)
     weights = torch.tensor([1.0, 2.0, 0.5])
     big_loss, big = step_gradients(model, [collate([[s] for s in samples], tokenizer.pad_token_id)], mode, weights)
     small = [collate([[s] for s in samples[i:i + 2]], tokenizer.pad_token_id) for i in range(0, 8, 2)]

@@ -44,7 +44,7 @@ def test_cache_is_rebuilt_when_data_or_template_change(tmp_path, tokenizer, temp
     again = prepare_data(config, tokenizer, template).per_task[0].data
     assert not again.from_cache and len(again) == 2
     from mftcoder.data.template import build_template
-    other = build_template("codefuse")
+    other = build_template("codefuse", {}, tokenizer)
     assert not prepare_data(config, tokenizer, other).per_task[0].data.from_cache
 
 

@@ -94,9 +94,19 @@ def test_resume_under_fsdp_matches_the_uninterrupted_run(small_tasks, tmp_path, 
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(small_tasks, tmp_path):
-    # A checkpoint from one process has no RNG state for rank 1: only rank 1 fails while rank 0 goes on
-    # into a collective; the job must end (not hang) with rank 1's error shown.
-    train(build_config(settings(small_tasks, tmp_path, max_steps=2, checkpointing_steps=2))[0])
+    # A two-process checkpoint whose rank-1 RNG state is gone: only rank 1 fails while rank 0 goes on into a
+    # collective; the job must end (not hang) with rank 1's error shown.
+    done = run_two_ranks(settings(small_tasks, tmp_path, max_steps=2, checkpointing_steps=2))
+    assert done.returncode == 0, done.stderr[-4000:]
+    (tmp_path / "checkpoint-2" / "resume" / "rng-1.pt").unlink()
     done = run_two_ranks(settings(small_tasks, tmp_path, max_steps=4, resume_from_checkpoint="auto"), timeout=240)
     assert done.returncode != 0
-    assert "no RNG state for rank 1" in done.stderr
+    assert "has no RNG state for rank 1" in done.stderr
+
+
+def test_resume_with_another_number_of_processes_is_refused(small_tasks, tmp_path):
+    train(build_config(settings(small_tasks, tmp_path, max_steps=2, checkpointing_steps=2))[0])
+    done = run_two_ranks(settings(small_tasks, tmp_path, max_steps=4, resume_from_checkpoint="auto"), timeout=240)
+    assert done.returncode != 0  # torchrun reports the ranks' exit status 2 as 1
+    assert (f"error: resume_from_checkpoint: {tmp_path / 'checkpoint-2'} was written by 1 process(es) and this run "
+            "has 2") in done.stderr

@@ -78,7 +78,7 @@ def test_generate_prompt_is_the_training_prefix(memorized):
     _, tokenizer = load(checkpoint)
     from mftcoder.data.template import build_template
 
-    template = build_template("mftcoder")
+    template = build_template("mftcoder", {}, tokenizer)
     for record in records:
         turns = parse_record(json.dumps(record))
         prompt = prompt_ids(tokenizer, turns[:-1])

@@ -115,7 +115,7 @@ def test_supervised_spans_with_plain_text_markers(tokenizer):
     """With markers the tokenizer does not split out, a token straddling the marker and the content counts."""
     from mftcoder.data.template import build_template
 
-    plain = build_template("mftcoder", {"bot": "<bot>:"})
+    plain = build_template("mftcoder", {"bot": "<bot>:"}, tokenizer)
     (ids, mask), = encode_conversations(tokenizer, plain, [(Turn("human", "q"), Turn("bot", '"""x"""'))])
     tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
     text_of_supervised = tokenizer.convert_tokens_to_string([t for t, m in zip(tokens, mask) if m])

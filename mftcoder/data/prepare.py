@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +11,7 @@ import numpy as np
 from mftcoder.config import Config, split_fractions
 from mftcoder.data.records import DataError
 from mftcoder.data.tasks import Task, discover_tasks, split_indices
-from mftcoder.data.template import ChatTemplate
-from mftcoder.data.tokenize import TokenizedTask, load_tokenized
+from mftcoder.data.tokenize import Template, TokenizedTask, load_tokenized
 
 
 @dataclass
@@ -85,15 +85,16 @@ def prepare_task(data: TokenizedTask, config: Config) -> TaskSamples:
                        test=test[kept[test]], **policy)
 
 
-def prepare_data(config: Config, tokenizer, template: ChatTemplate, raise_on_bad: bool = True) -> PreparedData:
+def prepare_data(config: Config, tokenizer, template: Template, raise_on_bad: bool = True) -> PreparedData:
     """Discover, tokenize (or read the cache), apply the length policy and split every task.
 
     Under on_bad_record=error any bad record raises DataError listing all of them (after reading every task).
     """
     tasks = discover_tasks(config.data_paths, config.tasks)
     cache_root = Path(config.data_cache_dir) if config.data_cache_dir else None
+    rebuild_before = time.time() if config.overwrite_cache else None  # another rank's fresh cache is reused
     per_task = [prepare_task(load_tokenized(t, tokenizer, template, cache_root, config.preprocessing_num_workers,
-                                            config.overwrite_cache), config) for t in tasks]
+                                            rebuild_before), config) for t in tasks]
     prepared = PreparedData(tasks, per_task)
     empty = [t.task.name for t in per_task if len(t.train) == 0 and len(t.valid) == 0]
     if raise_on_bad and config.on_bad_record == "error" and prepared.errors:
@@ -114,17 +115,19 @@ def _percentiles(values: np.ndarray) -> str:
 def check_report(prepared: PreparedData) -> str:
     """The `data check` table: one row per task, then totals."""
     header = ("task", "lines", "bad", "kept", "truncated", "dropped", "supervised", "len p50/p90/p99/max",
-              "train", "valid", "test")
+              "train", "valid", "test", "ctl-as-text")
     rows = []
     for t in prepared.per_task:
         kept = t.kept
         rows.append((t.task.name, t.data.num_lines, len(t.data.errors), int(kept.sum()), t.truncated,
                      t.dropped_over_length + t.dropped_no_target, int(t.targets[kept].sum()),
-                     _percentiles(t.lengths[kept]), len(t.train), len(t.valid), len(t.test)))
+                     _percentiles(t.lengths[kept]), len(t.train), len(t.valid), len(t.test), t.data.as_text))
     if len(rows) > 1:
         totals = [sum(r[i] for r in rows) if isinstance(rows[0][i], int) else "" for i in range(len(header))]
         rows.append(("all", *totals[1:]))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(r, widths)))
              for r in (header, *rows)]
-    return "\n".join(lines)
+    note = ("ctl-as-text: records whose messages contain control-token text (e.g. <|endoftext|>); it is trained as "
+            "the characters it is, never as a control token")
+    return "\n".join(lines) + ("\n" + note if any(t.data.as_text for t in prepared.per_task) else "")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,9 +20,9 @@ from tqdm import tqdm
 
 from mftcoder.data.records import BadRecord, DataError, Turn, parse_record, read_lines
 from mftcoder.data.tasks import Task
-from mftcoder.data.template import ChatTemplate
+from mftcoder.data.template import ChatTemplate, ModelTemplate, Rendering, control_token_pattern
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 CHUNK_LINES = 2000
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024  # below this, starting worker processes costs more than it saves
 
@@ -36,17 +38,84 @@ def supervised_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.nda
     return mask
 
 
-def encode_conversations(tokenizer, template: ChatTemplate, conversations: list[tuple[Turn, ...]],
+Template = ChatTemplate | ModelTemplate
+
+
+@dataclass
+class Encoded:
+    """One tokenized conversation: ids, loss mask, and how many control tokens in its contents became text."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    as_text: int = 0
+
+
+def _encode_piece(tokenizer, piece: str, as_text: bool, first: bool, newline: list[int]) -> tuple[list, list]:
+    """Ids and offsets of one piece of a conversation (as_text: no special token is recognised in it). A later
+    piece is encoded after a newline that is then removed, so SentencePiece adds no prefix space."""
+    def encode(text: str) -> tuple[list, list]:
+        out = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=as_text)
+        return out["input_ids"], out["offset_mapping"]
+
+    if not first:
+        ids, offsets = encode("\n" + piece)
+        if ids[:len(newline)] == newline:
+            return ids[len(newline):], [(a - 1, b - 1) for a, b in offsets[len(newline):]]
+    return encode(piece)
+
+
+def _encode_sanitized(tokenizer, rendering: Rendering, literals: list[tuple[int, int]]) -> Encoded:
+    """The conversation cut at the control tokens found in its contents; those are encoded as plain text and
+    the pieces around them as usual: the rule of transformers' apply_chat_template(sanitize_control_tokens=True)."""
+    text, newline = rendering.text, tokenizer("\n", add_special_tokens=False)["input_ids"]
+    bounds = [0, *(x for span in literals for x in span), len(text)]
+    ids, offsets = [], []
+    for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if start == end:
+            continue
+        piece_ids, piece_offsets = _encode_piece(tokenizer, text[start:end], k % 2 == 1, k == 0, newline)
+        if k % 2 == 1 and tokenizer.convert_tokens_to_ids(text[start:end]) in piece_ids:
+            raise BadRecord(f"{text[start:end]!r} in a message cannot be kept as text: this tokenizer makes the "
+                            "control token from its characters")
+        ids += piece_ids
+        offsets += [(a + start, b + start) for a, b in piece_offsets]
+    mask = supervised_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), rendering.supervised)
+    return Encoded(np.asarray(ids, dtype=np.int32), mask, len(literals))
+
+
+def encode_renderings(tokenizer, controls: re.Pattern, renderings: list[Rendering]) -> list[Encoded | BadRecord]:
+    """Tokenize rendered conversations (no BOS/EOS added: the rendering has them). Control tokens written by
+    the template are control tokens; inside a message's content they are encoded as the characters they are.
+    Conversations without such text go through the tokenizer in one batch; a refused one is a BadRecord."""
+    literals = [[m.span() for start, end in r.contents for m in controls.finditer(r.text, start, end)]
+                for r in renderings]
+    out: list[Encoded | BadRecord] = [None] * len(renderings)  # type: ignore[list-item]
+    plain = [i for i, found in enumerate(literals) if not found]
+    if plain:
+        encoded = tokenizer([renderings[i].text for i in plain], add_special_tokens=False,
+                            return_offsets_mapping=True, return_attention_mask=False)
+        for i, ids, offsets in zip(plain, encoded["input_ids"], encoded["offset_mapping"]):
+            out[i] = Encoded(np.asarray(ids, dtype=np.int32), supervised_mask(
+                np.asarray(offsets, dtype=np.int64).reshape(-1, 2), renderings[i].supervised))
+    for i, found in enumerate(literals):
+        if found:
+            try:
+                out[i] = _encode_sanitized(tokenizer, renderings[i], found)
+            except BadRecord as exc:
+                out[i] = exc
+    return out
+
+
+def encode_conversations(tokenizer, template: Template, conversations: list[tuple[Turn, ...]],
                          add_generation_prompt: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Render and tokenize whole conversations in one pass each; return (ids, loss mask) per conversation."""
-    if not conversations:
-        return []
-    rendered = [template.render(turns, tokenizer.eos_token, add_generation_prompt) for turns in conversations]
-    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False,
-                        return_offsets_mapping=True, return_attention_mask=False)
+    """Render and tokenize whole conversations; (ids, loss mask) per conversation. A conversation the template
+    or tokenizer refuses raises BadRecord."""
+    renderings = [template.render(turns, add_generation_prompt) for turns in conversations]
     out = []
-    for ids, offsets, (_, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered):
-        out.append((np.asarray(ids, dtype=np.int32), supervised_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), spans)))
+    for encoded in encode_renderings(tokenizer, control_token_pattern(tokenizer, template.jinja()), renderings):
+        if isinstance(encoded, BadRecord):
+            raise encoded
+        out.append((encoded.ids, encoded.mask))
     return out
 
 
@@ -61,32 +130,41 @@ class EncodedChunk:
     errors: list[str]
     path: str
     num_bytes: int  # roughly, for progress
+    as_text: int  # records whose contents held control tokens, encoded as text
 
 
 @dataclass
 class ChunkEncoder:
-    """Parse, validate and tokenize a chunk of lines; picklable so worker processes can run it."""
+    """Parse, validate, render and tokenize a chunk of lines; picklable so worker processes can run it."""
 
     tokenizer: object
-    template: ChatTemplate
+    template: Template
 
     def __call__(self, job: tuple[str, list[tuple[int, str | BadRecord]]]) -> EncodedChunk:
         path, lines = job
-        conversations, numbers, errors = [], [], []
+        renderings, numbers, errors = [], [], {}
         num_bytes = sum(len(text) + 1 for _, text in lines if isinstance(text, str))
         for number, text in lines:
             try:
                 if isinstance(text, BadRecord):
                     raise text
-                conversations.append(parse_record(text))
+                renderings.append(self.template.render(parse_record(text)))
                 numbers.append(number)
             except BadRecord as exc:
-                errors.append(f"{path}:{number}: {exc}")
-        encoded = encode_conversations(self.tokenizer, self.template, conversations)
-        lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int64)
-        ids = np.concatenate([ids for ids, _ in encoded]) if encoded else np.zeros(0, np.int32)
-        mask = np.concatenate([m for _, m in encoded]) if encoded else np.zeros(0, np.uint8)
-        return EncodedChunk(ids, mask, lengths, np.array(numbers, dtype=np.int32), errors, path, num_bytes)
+                errors[number] = f"{path}:{number}: {exc}"
+        controls = control_token_pattern(self.tokenizer, self.template.jinja())
+        kept, kept_numbers = [], []
+        for number, encoded in zip(numbers, encode_renderings(self.tokenizer, controls, renderings)):
+            if isinstance(encoded, BadRecord):
+                errors[number] = f"{path}:{number}: {encoded}"
+            else:
+                kept.append(encoded)
+                kept_numbers.append(number)
+        lengths = np.array([len(e.ids) for e in kept], dtype=np.int64)
+        ids = np.concatenate([e.ids for e in kept]) if kept else np.zeros(0, np.int32)
+        mask = np.concatenate([e.mask for e in kept]) if kept else np.zeros(0, np.uint8)
+        return EncodedChunk(ids, mask, lengths, np.array(kept_numbers, dtype=np.int32),
+                            [errors[n] for n in sorted(errors)], path, num_bytes, sum(e.as_text > 0 for e in kept))
 
 
 @dataclass
@@ -102,6 +180,8 @@ class TokenizedTask:
     errors: list[str]  # bad records as 'file:line: reason'
     num_lines: int
     from_cache: bool
+    as_text: int = 0  # records whose contents held control tokens, encoded as text
+    digest: str = ""  # of the tokenized records: what resume compares
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -129,11 +209,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def cache_key(task: Task, tokenizer, template: ChatTemplate) -> str:
+def cache_key(task: Task, tokenizer, template: Template) -> str:
     """Changes when a file (path, size, mtime), the tokenizer, the template or the cache format changes."""
     digest = hashlib.sha256()
     files = [(str(p.relative_to(task.path)), p.stat().st_size, p.stat().st_mtime_ns) for p in task.files]
-    settings = {"format": CACHE_FORMAT, "template": dataclasses.asdict(template), "files": files,
+    settings = {"format": CACHE_FORMAT, "template": [template.name, template.jinja()], "files": files,
                 "tokenizer": tokenizer_fingerprint(tokenizer), "root": str(task.path.resolve())}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:20]
@@ -176,18 +256,22 @@ def _run_encoder(task: Task, encoder: ChunkEncoder, workers: int) -> Iterator[En
                 yield chunk
 
 
-def build_cache(task: Task, tokenizer, template: ChatTemplate, directory: Path, workers: int) -> None:
+def build_cache(task: Task, tokenizer, template: Template, directory: Path, workers: int) -> None:
     """Tokenize a task into `directory`, written under a temporary name and renamed when complete."""
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     starts, file_index, lines, errors = [0], [], [], []
-    num_lines = 0
+    num_lines = as_text = 0
+    digest = hashlib.sha256()
     file_ids = {str(p): i for i, p in enumerate(task.files)}
     with open(tmp / "ids.bin", "wb") as ids_out, open(tmp / "mask.bin", "wb") as mask_out:
         for chunk in _run_encoder(task, ChunkEncoder(tokenizer, template), workers):
-            ids_out.write(chunk.ids.tobytes())
-            mask_out.write(chunk.mask.tobytes())
+            for array, out in ((chunk.ids, ids_out), (chunk.mask, mask_out), (chunk.lengths, None)):
+                digest.update(array.tobytes())
+                if out is not None:
+                    out.write(array.tobytes())
+            as_text += chunk.as_text
             starts.extend((starts[-1] + np.cumsum(chunk.lengths)).tolist())
             file_index.extend([file_ids[chunk.path]] * len(chunk.lengths))
             lines.extend(chunk.lines.tolist())
@@ -196,7 +280,8 @@ def build_cache(task: Task, tokenizer, template: ChatTemplate, directory: Path, 
     np.savez(tmp / "index.npz", starts=np.array(starts, dtype=np.int64), file_index=np.array(file_index, dtype=np.int32),
              lines=np.array(lines, dtype=np.int32))
     meta = {"format": CACHE_FORMAT, "task": task.name, "files": [str(p) for p in task.files],
-            "errors": errors, "num_lines": num_lines, "num_tokens": starts[-1]}
+            "errors": errors, "num_lines": num_lines, "num_tokens": starts[-1], "as_text": as_text,
+            "digest": digest.hexdigest()[:32], "built_at": time.time()}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         os.rename(tmp, directory)
@@ -210,18 +295,24 @@ def _memmap(path: Path, dtype: type) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def load_tokenized(task: Task, tokenizer, template: ChatTemplate, cache_root: Path | None = None,
-                   workers: int | None = None, overwrite: bool = False) -> TokenizedTask:
-    """The task's tokenized records, from the cache when it matches, else tokenized now and cached."""
+def load_tokenized(task: Task, tokenizer, template: Template, cache_root: Path | None = None,
+                   workers: int | None = None, rebuild_before: float | None = None) -> TokenizedTask:
+    """The task's tokenized records, from the cache when it matches, else tokenized now and cached. A lock
+    makes concurrent callers (the ranks of a job) tokenize once: the others wait and read the cache.
+    `rebuild_before`: tokenize again when the cache was written before this time (overwrite_cache)."""
     root = Path(cache_root) if cache_root else default_cache_root()
     directory = root / f"{task.name}-{cache_key(task, tokenizer, template)}"
-    from_cache = (directory / "meta.json").exists() and not overwrite
-    if not from_cache:
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        build_cache(task, tokenizer, template, directory, workers or os.cpu_count() or 1)
-    meta = json.loads((directory / "meta.json").read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(f"{directory.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta_file = directory / "meta.json"
+        from_cache = meta_file.exists() and (rebuild_before is None
+                                             or json.loads(meta_file.read_text())["built_at"] >= rebuild_before)
+        if not from_cache:
+            shutil.rmtree(directory, ignore_errors=True)
+            build_cache(task, tokenizer, template, directory, workers or os.cpu_count() or 1)
+    meta = json.loads(meta_file.read_text())
     index = np.load(directory / "index.npz")
     return TokenizedTask(task, _memmap(directory / "ids.bin", np.int32), _memmap(directory / "mask.bin", np.uint8),
                          index["starts"], index["file_index"], index["lines"], meta["errors"], meta["num_lines"],
-                         from_cache)
+                         from_cache, meta["as_text"], meta["digest"])

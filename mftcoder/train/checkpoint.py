@@ -65,12 +65,13 @@ def find_latest(output_dir: Path) -> Path | None:
 
 
 def save_checkpoint(output_dir: Path, name: str, model: torch.nn.Module, runner: torch.nn.Module, tokenizer,
-                    optimizer: torch.optim.Optimizer, state: TrainerState, run_config: dict,
+                    optimizer: torch.optim.Optimizer, state: TrainerState, run_files: dict[str, dict],
                     parallel: Parallelism) -> Path:
     """Write checkpoint `name` atomically; every rank calls this. Everything goes to a hidden temporary
-    folder (the user's model as an HF directory or PEFT adapter, the tokenizer, optimizer and RNG), the
-    state file last, then one rename by the main process makes it visible. A crash before the rename
-    leaves nothing that resume would pick."""
+    folder (the user's model as an HF directory or PEFT adapter, the tokenizer, optimizer, RNG and the
+    `run_files` resume checks read), the state file last, then one rename by the main process makes it
+    visible. A crash before the rename leaves nothing that resume would pick; a checkpoint being replaced
+    is set aside first and removed only once its replacement is in place."""
     env = parallel.env
     final, tmp = output_dir / name, output_dir / f".{name}.tmp"
     if env.is_main:
@@ -82,30 +83,53 @@ def save_checkpoint(output_dir: Path, name: str, model: torch.nn.Module, runner:
         model.save_pretrained(tmp, state_dict=full_state) if full_state is not None else model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     parallel.save_optimizer(runner, optimizer, tmp / RESUME_DIR)
-    write_resume_state(tmp / RESUME_DIR, env.rank, run_config if env.is_main else None)
+    write_resume_state(tmp / RESUME_DIR, env.rank, run_files if env.is_main else None)
     env.barrier()
     if env.is_main:
         (tmp / STATE_FILE).write_text(state.to_json())
+        old = output_dir / f".{name}.old"
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
         os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     env.barrier()
     return final
 
 
-def write_resume_state(directory: Path, rank: int, run_config: dict | None) -> None:
-    """This rank's RNG state, and (main process) the run's config for the resume checks."""
+def write_resume_state(directory: Path, rank: int, run_files: dict[str, dict] | None) -> None:
+    """This rank's RNG state, and (main process) the run's config and layout for the resume checks."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, directory / f"rng-{rank}.pt")
-    if run_config is not None:
-        (directory / "config.json").write_text(json.dumps(run_config, indent=1))
+    for filename, content in (run_files or {}).items():
+        (directory / filename).write_text(json.dumps(content, indent=1))
 
 
 def read_run_config(checkpoint: Path) -> dict:
     path = checkpoint / RESUME_DIR / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_layout(checkpoint: Path, current: dict) -> None:
+    """Refuse a resume that could not continue exactly: another number of processes, or other data."""
+    path = checkpoint / RESUME_DIR / "layout.json"
+    if not path.is_file():
+        raise ConfigError(f"resume_from_checkpoint: {checkpoint} has no {RESUME_DIR}/layout.json (the number of "
+                          "processes and the data it was trained with), so an exact resume cannot be checked")
+    saved = json.loads(path.read_text())
+    if saved["world_size"] != current["world_size"]:
+        raise ConfigError(f"resume_from_checkpoint: {checkpoint} was written by {saved['world_size']} process(es) and "
+                          f"this run has {current['world_size']}; each process has its own share of the data and its "
+                          "own random state, so resume with the same number")
+    if list(saved["data"]) != list(current["data"]):
+        raise ConfigError(f"resume_from_checkpoint: {checkpoint} was trained on tasks {list(saved['data'])}, this run "
+                          f"has {list(current['data'])}; an exact resume needs the same tasks in the same order")
+    changed = [task for task, digest in saved["data"].items() if current["data"][task] != digest]
+    if changed:
+        raise ConfigError(f"resume_from_checkpoint: the data of task(s) {', '.join(changed)} changed since {checkpoint} "
+                          "was written (other records, or another tokenizer); an exact resume needs the same data")
 
 
 def is_adapter(checkpoint: Path) -> bool:
@@ -127,8 +151,8 @@ def restore_training_state(checkpoint: Path, runner: torch.nn.Module, optimizer:
     parallel.load_optimizer(runner, optimizer, checkpoint / RESUME_DIR)
     rng_file = checkpoint / RESUME_DIR / f"rng-{parallel.env.rank}.pt"
     if not rng_file.is_file():
-        raise ConfigError(f"resume_from_checkpoint: {checkpoint} has no RNG state for rank {parallel.env.rank}; "
-                          "resume with the number of processes that wrote it")
+        raise ConfigError(f"resume_from_checkpoint: {checkpoint} has no RNG state for rank {parallel.env.rank} "
+                          f"({rng_file.relative_to(checkpoint)} is missing); the checkpoint is incomplete")
     rng = torch.load(rng_file, weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -157,7 +181,14 @@ def apply_retention(output_dir: Path, limit: int | None, best: str | None) -> li
 
 
 def remove_incomplete(output_dir: Path) -> None:
-    """Clear temporary folders left by a save that crashed."""
+    """Clear temporary folders left by a save that crashed; a checkpoint set aside for a replacement that never
+    arrived is put back."""
     if output_dir.is_dir():
         for path in output_dir.glob(".checkpoint-*.tmp"):
             shutil.rmtree(path, ignore_errors=True)
+        for path in output_dir.glob(".checkpoint-*.old"):
+            final = output_dir / path.name[1:-len(".old")]
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, final)

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mftcoder.config import Config, ConfigError, to_dict
+from mftcoder.config import Config, ConfigError, resolve_for_world, to_dict
 from mftcoder.data.batching import (Batch, SampleReader, arrange_rows, epoch_plan, micro_batches, optimizer_steps,
                                     plan_lengths)
 from mftcoder.data.prepare import PreparedData, prepare_data
 from mftcoder.data.tasks import per_task_values
-from mftcoder.data.template import build_template
-from mftcoder.loss import StepCounts, SupervisedLM, TaskTotals, token_coefficients
+from mftcoder.families import build_runner
+from mftcoder.loss import StepCounts, TaskTotals, token_coefficients
 from mftcoder.model import load_base_model, load_tokenizer, parameter_groups, prepare_for_training
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, shutdown
@@ -56,12 +56,13 @@ def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], counts: 
     data parallelism each rank's share is scaled by the world size because DDP and FSDP average gradients.
     """
     env, step_loss = parallel.env, 0.0
+    aux_scale = 1.0 / (len(batches) * env.world_size)  # a model's auxiliary loss: its mean over the step
     for i, batch in enumerate(batches):
         batch = batch.to(env.device)
         coefficients = token_coefficients(batch, mode, counts, task_weights)
         with parallel.gradient_sync(runner, sync=i == len(batches) - 1):
             with autocast:
-                loss, token_losses = runner(batch, coefficients)
+                loss, token_losses = runner(batch, coefficients, aux_scale)
             (loss * env.world_size).backward()
         step_loss += float(loss.detach())
         totals.add(batch, token_losses)
@@ -84,24 +85,31 @@ class Trainer:
     """Holds one run's parts; `run()` is the loop."""
 
     def __init__(self, config: Config, env: DistEnv):
+        config = resolve_for_world(config, env.world_size)
         self.config = config
         self.env = env
         self.output_dir = Path(config.output_dir or "outputs")
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ConfigError(f"output_dir: {self.output_dir} exists and is not a folder")
         torch.manual_seed(config.seed)
-        self.template = build_template(config.chat_template, config.chat_markers)
-        self.tokenizer = load_tokenizer(config, self.template)
+        self.tokenizer, self.template = load_tokenizer(config)
         self.data: PreparedData = prepare_data(config, self.tokenizer, self.template)
         self.num_tasks = len(self.data.tasks)
         self.task_names = [t.name for t in self.data.tasks]
+        if config.metric_for_best_model not in ["loss", *(f"loss/{n}" for n in self.task_names)]:
+            raise ConfigError(f"metric_for_best_model: {config.metric_for_best_model!r} is not a validation metric; "
+                              f"choose from loss, {', '.join(f'loss/{n}' for n in self.task_names)}")
         self.task_weights = torch.tensor(per_task_values("task_weights", config.task_weights, self.data.tasks))
         if self.task_weights.sum() <= 0:
             raise ConfigError("task_weights: at least one task needs a positive weight")
         self.sampling_weights = per_task_values("data_weights", config.data_weights, self.data.tasks)
+        self.layout = {"world_size": env.world_size, "data": {t.task.name: t.data.digest for t in self.data.per_task}}
+        if env.is_main:
+            ckpt.remove_incomplete(self.output_dir)  # a save that crashed: its leftovers go, a set-aside one returns
+        env.barrier()
         self.resume_from = self._resume_checkpoint()
         full_weights = self.resume_from if self.resume_from and not ckpt.is_adapter(self.resume_from) else None
-        base = load_base_model(config, self.tokenizer, full_weights)
+        base = load_base_model(config, self.tokenizer, self.template, full_weights)
         if config.peft_type and not config.pretrained_model_path and env.is_main:
             save_random_base(base, self.tokenizer, self.output_dir / "base-model")
         self.model = prepare_for_training(base, config).to(env.device)
@@ -109,12 +117,15 @@ class Trainer:
             ckpt.load_adapter(self.resume_from, self.model)
         self.autocast, use_bf16 = self._autocast()
         self.parallel = Parallelism(env, config.distributed_strategy, bf16=use_bf16)
-        self.runner = self.parallel.wrap(SupervisedLM(self.model), self.model)
+        runner, self.padding_mode = build_runner(self.model, config.padding_mode, self.data.per_task,
+                                                 self.tokenizer.pad_token_id, env.device,
+                                                 tqdm.write if env.is_main else None)
+        self.runner = self.parallel.wrap(runner, self.model)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.weight_decay), lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
-        pad_to = config.seq_length if config.padding_mode == "padding" else None
+        pad_to = config.seq_length if self.padding_mode == "padding" else None
         self.reader = SampleReader(self.data.per_task, self.tokenizer.pad_token_id, pad_to,
-                                   packed=config.padding_mode == "pack")
+                                   packed=self.padding_mode == "pack")
         epoch_lengths = [len(self._epoch_steps(e)) for e in range(config.num_train_epochs)]  # packing varies a little
         self.steps_per_epoch = epoch_lengths[0]
         total = sum(epoch_lengths)
@@ -139,7 +150,7 @@ class Trainer:
     def _epoch_steps(self, epoch: int) -> list[list[np.ndarray]]:
         config = self.config
         plan = epoch_plan(self.data.per_task, self.sampling_weights, config.seed, epoch)
-        rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), config.padding_mode, config.seq_length,
+        rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), self.padding_mode, config.seq_length,
                             config.per_device_train_batch_size * self.env.world_size,
                             np.random.default_rng([config.seed, epoch, 0xA11]))
         batches = micro_batches(rows, config.per_device_train_batch_size, self.env.rank, self.env.world_size)
@@ -162,6 +173,7 @@ class Trainer:
             if key in saved and saved[key] != current[key]:
                 raise ConfigError(f"{key}: the checkpoint {path} was trained with {saved[key]!r}, this run has "
                                   f"{current[key]!r}; an exact resume needs the same value")
+        ckpt.check_layout(path, self.layout)
         return path
 
     def resume(self) -> None:
@@ -176,8 +188,6 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def run(self) -> RunResult:
         config, state = self.config, self.state
-        if self.env.is_main:
-            ckpt.remove_incomplete(self.output_dir)
         if config.evaluate_before_training and state.step == 0 and "no" != config.evaluation_strategy:
             self.evaluate(record=False)
         progress = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not self.env.is_main,
@@ -241,26 +251,33 @@ class Trainer:
         self.result.tokens_seen += tokens
         self.result.supervised_tokens_seen += int(counts.tokens.sum())
         if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            state.nonfinite_in_row += 1
-            state.nonfinite_total += 1
-            self.logger.log("train", state.step + 1, {"nonfinite_loss_skipped": state.nonfinite_total})
-            if state.nonfinite_in_row >= config.max_nonfinite_steps:
-                raise TrainingError(f"the loss was NaN or infinite for {state.nonfinite_in_row} steps in a row "
-                                    f"(at step {state.step + 1}); lower learning_rate or check the data")
-            return loss
-        state.nonfinite_in_row = 0
+            return self._skip_update(loss, "loss")
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(state.step)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = config.max_grad_norm if config.max_grad_norm else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.interval.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(self.interval.grad_norm):
+            return self._skip_update(loss, "gradient norm")
+        state.nonfinite_in_row = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.interval.totals.merge(TaskTotals.from_tensor(self.env.all_reduce_sum(step_totals.as_tensor())))
         self.interval.losses.append(loss)
         self.result.step_losses.append(loss)
+        return loss
+
+    def _skip_update(self, loss: float, what: str) -> float:
+        """A NaN/inf loss or gradient norm: no update (the step still counts); too many in a row stop the run."""
+        state = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        state.nonfinite_in_row += 1
+        state.nonfinite_total += 1
+        self.logger.log("train", state.step + 1, {"nonfinite_skipped": state.nonfinite_total})
+        if state.nonfinite_in_row >= self.config.max_nonfinite_steps:
+            raise TrainingError(f"the {what} was NaN or infinite for {state.nonfinite_in_row} steps in a row "
+                                f"(at step {state.step + 1}); lower learning_rate or check the data")
         return loss
 
     def log_train(self) -> None:
@@ -285,15 +302,16 @@ class Trainer:
         return self._early_stop()
 
     def end_epoch(self) -> bool:
+        """Epoch-end evaluation and checkpoints; what already happened at this step (steps strategy) is not redone."""
         config, state = self.config, self.state
-        if "epoch" in config.evaluation_strategy:
+        if "epoch" in config.evaluation_strategy and (state.last_eval or {}).get("step") != state.step:
             self.evaluate()
         state.epoch += 1
         state.step_in_epoch = 0
         if "epoch" in config.save_strategy:
-            self.save(f"checkpoint-{state.step}")
+            self.save(f"checkpoint-{state.step}", only_if_missing=True)
         if config.extra_save_by_epoch:
-            self.save(f"checkpoint-epoch-{state.epoch}")
+            self.save(f"checkpoint-epoch-{state.epoch}", only_if_missing=True)
         return self._early_stop()
 
     def _early_stop(self) -> bool:
@@ -314,7 +332,7 @@ class Trainer:
                                for t in self.data.per_task]).astype(np.int64)
         if len(plan) == 0:
             return None
-        rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), config.padding_mode, config.seq_length,
+        rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), self.padding_mode, config.seq_length,
                             config.per_device_valid_batch_size * self.env.world_size, np.random.default_rng(0),
                             window=len(plan))
         batches = micro_batches(rows, config.per_device_valid_batch_size, self.env.rank, self.env.world_size)
@@ -338,11 +356,7 @@ class Trainer:
 
     def _track_best(self, metrics: dict) -> None:
         state, config = self.state, self.config
-        key = config.metric_for_best_model
-        if key not in metrics:
-            raise ConfigError(f"metric_for_best_model: {key!r} is not a validation metric; "
-                              f"choose from {', '.join(metrics)}")
-        value = metrics[key]
+        value = metrics[config.metric_for_best_model]
         better = state.best_metric is None or (value > state.best_metric if config.greater_is_better
                                                else value < state.best_metric)
         if better:
@@ -362,7 +376,7 @@ class Trainer:
             if state.last_eval["improved"]:
                 state.best_checkpoint = name
         ckpt.save_checkpoint(self.output_dir, name, self.model, self.runner, self.tokenizer, self.optimizer, state,
-                             to_dict(self.config), self.parallel)
+                             {"config.json": to_dict(self.config), "layout.json": self.layout}, self.parallel)
         if self.env.is_main:
             ckpt.apply_retention(self.output_dir, self.config.save_total_limit, state.best_checkpoint)
         self.env.barrier()
@@ -389,9 +403,6 @@ def train(config: Config) -> RunResult:
 
     hf_logging.disable_progress_bar()  # our own progress bar is enough; saving shards is quick
     env = init_distributed()
-    if config.dp is not None and config.dp != env.world_size:
-        raise ConfigError(f"dp: set to {config.dp} but {env.world_size} process(es) are running; "
-                          "launch with torchrun --nproc_per_node=DP")
     # On an error this rank leaves at once (no barrier: the others may be inside a collective); torchrun
     # then ends the other ranks, so a failure on one rank never hangs the job.
     trainer = Trainer(config, env)
