@@ -27,7 +27,11 @@ def load_tokenizer(config: Config) -> tuple[object, ChatTemplate | ModelTemplate
     source = tokenizer_source(config)
     if not source.exists():
         raise ConfigError(f"tokenizer_path: {source} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=config.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tokenizer_path: no usable tokenizer in {source} ({str(exc).splitlines()[0]}); "
+                          "set tokenizer_path to a folder with tokenizer.json") from None
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"{source}: a fast tokenizer (tokenizer.json) is needed for exact loss masks")
     if tokenizer.eos_token is None:
