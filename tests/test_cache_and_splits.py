@@ -63,6 +63,32 @@ def test_parallel_tokenization_equals_serial(tmp_path, tokenizer, template, monk
     assert isinstance(serial.ids, np.memmap)
 
 
+def _load_after_barrier(barrier, results, task, tokenizer, template, root):
+    barrier.wait()
+    data = tokenize.load_tokenized(task, tokenizer, template, root, workers=1)
+    results.put((data.from_cache, int(np.asarray(data.ids).sum()), data.digest))
+
+
+def test_concurrent_loaders_tokenize_once(tmp_path, tokenizer, template):
+    """The ranks of a job start together on a first run: one tokenizes, the others wait and read its cache."""
+    import multiprocessing
+
+    records = [chat(("human", f"q{i} " * (i % 7 + 1)), ("bot", f"a{i}\n" * (i % 5 + 1))) for i in range(4000)]
+    task = discover_tasks([str(write_task(tmp_path, "t", records))])[0]
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(3), context.Queue()
+    workers = [context.Process(target=_load_after_barrier, args=(barrier, results, task, tokenizer, template,
+                                                                 tmp_path / "cache")) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    outcomes = sorted(results.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [from_cache for from_cache, _, _ in outcomes] == [False, True, True]
+    assert len({(total, digest) for _, total, digest in outcomes}) == 1  # all read the same tokens
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+
+
 def test_split_is_deterministic_disjoint_and_sized():
     train, valid, test = split_indices(1000, (0.9, 0.05, 0.05), seed=7, task_name="a")
     assert (len(train), len(valid), len(test)) == (900, 50, 50)

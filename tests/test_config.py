@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mftcoder.cli import main
-from mftcoder.config import ConfigError, build_config, fields, load_config, split_fractions
+from mftcoder.config import ConfigError, build_config, fields, load_config, resolve_for_world, split_fractions
 
 # Every argument the reference document names (section 3.4), plus those its launch scripts pass.
 REFERENCE_DOC_VALUES = {
@@ -117,3 +117,23 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["config", "show", "/dev/null", "lerning_rate=1"]) == 2
     err = capsys.readouterr().err
     assert "did you mean 'learning_rate'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("values, world, per_device", [
+    ({}, 1, 8), ({}, 4, 8), ({"per_device_train_batch_size": 3}, 2, 3),
+    ({"total_train_batch_size": 8}, 1, 8), ({"total_train_batch_size": 8}, 2, 4), ({"total_train_batch_size": 8}, 8, 1),
+    ({"total_train_batch_size": 8, "per_device_train_batch_size": 4}, 2, 4),  # both, and they agree
+])
+def test_total_train_batch_size_sets_the_per_process_batch(values, world, per_device):
+    assert resolve_for_world(build_config(values)[0], world).per_device_train_batch_size == per_device
+
+
+@pytest.mark.parametrize("values, world, message", [
+    ({"total_train_batch_size": 8}, 3, "total_train_batch_size: 8 samples do not divide evenly over 3 processes"),
+    ({"total_train_batch_size": 8, "per_device_train_batch_size": 8}, 2,
+     r"total_train_batch_size \(8\) and per_device_train_batch_size \(8\) disagree: 2 process\(es\) x 8 = 16"),
+    ({"dp": 2}, 1, "dp: set to 2 but 1 process"),
+])
+def test_batch_settings_that_cannot_hold_are_refused(values, world, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_for_world(build_config(values)[0], world)

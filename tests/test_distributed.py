@@ -61,7 +61,8 @@ def test_two_ranks_of_four_equal_one_rank_of_eight(small_tasks, tmp_path, strate
     # components still, so the comparison tests the gradients rather than the noise.
     common = dict(weighted_loss_mode=mode, adam_epsilon=1e-5, learning_rate=1e-3)
     single = train(build_config(settings(small_tasks, tmp_path / "one", per_device_train_batch_size=8, **common))[0])
-    done = run_two_ranks(settings(small_tasks, tmp_path / "two", per_device_train_batch_size=4,
+    # The reference's key: 8 samples per micro-batch over both processes, 4 each.
+    done = run_two_ranks(settings(small_tasks, tmp_path / "two", total_train_batch_size=8,
                                   distributed_strategy=strategy, **common))
     assert done.returncode == 0, done.stderr[-4000:]
     one, two = final_weights(tmp_path / "one", 3), final_weights(tmp_path / "two", 3)
@@ -73,6 +74,8 @@ def test_two_ranks_of_four_equal_one_rank_of_eight(small_tasks, tmp_path, strate
              if '"eval"' in line]
     assert evals[-1]["loss"] == pytest.approx(single.evaluations[-1]["loss"], rel=1e-5)
     assert len(list((tmp_path / "two" / "runs").iterdir())) == 1  # one TensorBoard writer: rank 0
+    saved = json.loads((tmp_path / "two" / "checkpoint-3" / "resume" / "config.json").read_text())
+    assert saved["per_device_train_batch_size"] == 4
 
 
 @pytest.mark.parametrize("lora", [False, True])

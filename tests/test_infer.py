@@ -190,3 +190,21 @@ def test_merge_refuses_a_mismatched_adapter(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not belong to this base model (gpt_neox)" in err and "expects input size 128, the base has 64" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_half_precision_checkpoint_computes_in_float32_on_cpu_unless_asked(memorized, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint, records = memorized
+    AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp_path / "bf16")
+    model, _ = load(tmp_path / "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model, _ = load(tmp_path / "bf16", dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"chat_rounds": records[0]["chat_rounds"][:-1]}) + "\n")
+    assert main(["generate", "--model", str(tmp_path / "bf16"), "--input", str(prompts), "--output",
+                 str(tmp_path / "o.jsonl"), "--max_new_tokens", "60", "--dtype", "float32"]) == 0
+    (out,) = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(out["generations"]) == 1 and out["generations"][0]

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from mftcoder.data.batching import Batch
 from mftcoder.loss import StepCounts, SupervisedLM, TaskTotals, token_coefficients
 
@@ -124,3 +126,50 @@ def test_frozen_output_layer_gets_no_gradient_but_the_body_does():
     weighted.backward()
     assert model.get_output_embeddings().weight.grad is None
     assert model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight.grad.abs().sum() > 0
+
+
+class ShapeLog(TorchDispatchMode):
+    """Records (op, result dtype) for every op whose result has a given shape."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.seen = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
+            self.seen.append((str(func.overloadpacket), out.dtype))
+        return out
+
+
+def tiny_neox(vocab: int = 300):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=4, intermediate_size=64))
+
+
+def test_evaluation_forms_no_output_layer_gradient():
+    model = tiny_neox()
+    batch, _ = make_batch([A, B, C])
+    batch.input_ids = torch.randint(0, 300, batch.input_ids.shape)
+    batch.targets = torch.randint(0, 300, batch.input_ids.shape)
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad(), ShapeLog(weight.shape) as log:
+        _, losses = SupervisedLM(model, chunk_tokens=2)(batch)
+    assert log.seen == []  # no [vocab, hidden] gradient buffer, no addmm into one
+    with ShapeLog(weight.shape) as log:  # while training it is formed, once, and accumulated per chunk
+        SupervisedLM(model, chunk_tokens=2)(batch, torch.ones(len(losses)))
+    assert [op for op, _ in log.seen] == ["aten.zeros_like"] + ["aten.addmm_"] * 3
+
+
+def test_a_half_precision_output_layer_is_converted_once_per_forward_not_per_chunk():
+    model = tiny_neox().to(torch.bfloat16)
+    batch, _ = make_batch([A, B, C])  # 6 supervised tokens: 3 chunks of 2
+    batch.input_ids = torch.randint(0, 300, batch.input_ids.shape)
+    batch.targets = torch.randint(0, 300, batch.input_ids.shape)
+    weight = model.get_output_embeddings().weight
+    with ShapeLog(weight.shape) as log:
+        SupervisedLM(model, chunk_tokens=2)(batch, torch.ones(6))
+    assert [op for op, dtype in log.seen if dtype == torch.float32 and op == "aten._to_copy"] == ["aten._to_copy"]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mftcoder.config import build_config
+from mftcoder.config import ConfigError, build_config
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.loop import Trainer, TrainingError, train
 from mftcoder.train.distributed import DistEnv
@@ -165,3 +167,68 @@ def test_validation_loss_falls_per_task(small_tasks, tmp_path):
     start, end = result.evaluations[0], result.evaluations[-1]
     for task in ("code_docstring", "code_generation", "code_multiturn"):
         assert end[f"loss/{task}"] < start[f"loss/{task}"] - 1.0
+
+
+def test_an_epoch_end_on_an_evaluation_step_evaluates_and_saves_once(small_tasks, tmp_path):
+    # 48 training samples / 12 = 4 steps; evaluation every 2 steps and at the epoch end (step 4 is both).
+    result = train(make_config(small_tasks, tmp_path, evaluation_strategy="steps,epoch", save_strategy="steps,epoch",
+                               evaluation_steps=2, checkpointing_steps=2, per_device_train_batch_size=12,
+                               padding_mode="dynamic", max_steps=-1, early_stopping_patience=2,
+                               greater_is_better=True))  # a falling loss never improves: patience counts each eval
+    assert [e["step"] for e in result.evaluations] == [2, 4]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4]
+    assert result.state.step == 4 and result.state.evals_without_improvement == 1  # not stopped early at 2
+    saved = ckpt.TrainerState.from_json((tmp_path / "checkpoint-4" / ckpt.STATE_FILE).read_text())
+    assert (saved.step, saved.evals_without_improvement) == (4, 1)
+
+
+def test_replacing_a_checkpoint_never_leaves_none(small_tasks, tmp_path, monkeypatch):
+    train(make_config(small_tasks, tmp_path, max_steps=2))
+    first = weights_of(tmp_path / "checkpoint-2")
+    renames = []
+    original = ckpt.os.rename
+
+    def crash_on_placing_the_replacement(src, dst):
+        renames.append(Path(src).name)
+        if Path(src).name == ".checkpoint-2.tmp":
+            raise OSError("killed (simulated)")
+        return original(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", crash_on_placing_the_replacement)
+    with pytest.raises(OSError, match="simulated"):  # a second run into the same folder saves checkpoint-2 again
+        train(make_config(small_tasks, tmp_path, max_steps=2, learning_rate=1e-2))
+    monkeypatch.setattr(ckpt.os, "rename", original)
+    assert renames == ["checkpoint-2", ".checkpoint-2.tmp"]  # the old one was set aside, not deleted
+    ckpt.remove_incomplete(tmp_path)  # what the next run does first: the set-aside checkpoint comes back
+    assert ckpt.find_latest(tmp_path) == tmp_path / "checkpoint-2"
+    assert all(torch.equal(first[k], v) for k, v in weights_of(tmp_path / "checkpoint-2").items())
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_skips_the_update(small_tasks, tmp_path):
+    trainer = Trainer(make_config(small_tasks, tmp_path, max_steps=3, max_nonfinite_steps=3), DistEnv())
+    layer = trainer.model.get_input_embeddings().weight
+    layer.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(TrainingError, match="the gradient norm was NaN or infinite for 3 steps in a row"):
+        trainer.run()
+    assert trainer.state.nonfinite_total == 3 and all(math.isfinite(x) for x in trainer.result.evaluations[0].values())
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_resume_on_changed_data_is_refused(small_tasks, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(Path(small_tasks["data_paths"][0]), data / "task")
+    values = {"data_paths": [str(data / "task")], "data_cache_dir": str(tmp_path / "cache")}
+    train(make_config(values, tmp_path / "out", max_steps=2))
+    with open(data / "task" / "train.jsonl", "a") as f:
+        f.write((data / "task" / "train.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(ConfigError, match=r"the data of task\(s\) task changed since .*checkpoint-2 was written"):
+        train(make_config(values, tmp_path / "out", max_steps=4, resume_from_checkpoint="auto"))
+
+
+def test_an_unknown_best_model_metric_is_refused_before_training(small_tasks, tmp_path):
+    with pytest.raises(ConfigError, match=r"metric_for_best_model: 'loss/code_generaton' is not a validation "
+                                          r"metric; choose from loss, loss/code_docstring, loss/code_generation"):
+        Trainer(make_config(small_tasks, tmp_path, metric_for_best_model="loss/code_generaton"), DistEnv())
+    assert not list(tmp_path.glob("checkpoint-*"))
