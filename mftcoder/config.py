@@ -399,6 +399,14 @@ def resolve_for_world(config: Config, world_size: int) -> Config:
     return dataclasses.replace(config, per_device_train_batch_size=total // world_size)
 
 
+def check_metric_name(config: Config, task_names: list[str]) -> None:
+    """metric_for_best_model names a validation metric of this run (checked before the first step)."""
+    metrics = ["loss", *(f"loss/{name}" for name in task_names)]
+    if config.metric_for_best_model not in metrics:
+        raise ConfigError(f"metric_for_best_model: {config.metric_for_best_model!r} is not a validation metric; "
+                          f"choose from {', '.join(metrics)}")
+
+
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 

@@ -55,8 +55,8 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, device: str |
         tokenizer.chat_template = saved_template(tokenizer).jinja()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("float32" if torch.device(device).type == "cpu" else "auto")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code,
+                                                 dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     if adapter:
         from peft import PeftModel
 
@@ -67,9 +67,12 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, device: str |
     return model.to(device).eval(), tokenizer
 
 
-def prompt_ids(tokenizer, turns: list[Turn], template: ChatTemplate | ModelTemplate | None = None) -> list[int]:
-    """Token ids of a conversation that ends with the human turn to answer, up to and including the bot marker,
-    rendered and tokenized as in training (template: the one the tokenizer carries, unless given)."""
+def prompt_ids(tokenizer, turns: list[Turn] | list[dict],
+               template: ChatTemplate | ModelTemplate | None = None) -> list[int]:
+    """Token ids of a conversation (Turns or {role, content} dicts) that ends with the human turn to answer, up to
+    and including the bot marker, rendered and tokenized as in training (template: the tokenizer's, unless given)."""
+    if turns and isinstance(turns[0], dict):
+        turns = record_turns({"chat_rounds": list(turns)}, prompt_only=True)
     (ids, _), = encode_conversations(tokenizer, template or saved_template(tokenizer), [tuple(turns)],
                                      add_generation_prompt=True)
     return ids.tolist()

@@ -84,7 +84,8 @@ def load_base_model(config: Config, tokenizer, template: ChatTemplate | ModelTem
         raise ConfigError("no model: set pretrained_model_path (a local HF model) or model_config "
                           f"(random init: {', '.join(SHIPPED_MODEL_CONFIGS)})")
     if config.model_type not in ("auto", model.config.model_type):
-        raise ConfigError(f"model_type: the config says {config.model_type!r} but the model is {model.config.model_type!r}")
+        raise ConfigError(f"model_type: the config says {config.model_type!r} but the model is "
+                          f"{model.config.model_type!r}")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                           f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer")

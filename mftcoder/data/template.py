@@ -163,8 +163,8 @@ class ModelTemplate:
             if turn.role == "bot":
                 end_of_turn = self.controls.search(literals[i + 1])
                 if end_of_turn is None:
-                    raise BadRecord("the model's chat template writes no end-of-turn token after an assistant "
-                                    f"message (it writes {literals[i + 1][:40]!r}), so the model could not learn to stop")
+                    raise BadRecord("the model's chat template writes no end-of-turn token after an assistant message "
+                                f"(it writes {literals[i + 1][:40]!r}), so the model could not learn to stop")
                 supervised.append((contents[i][0], contents[i][1] + end_of_turn.end()))
         return Rendering(text, tuple(supervised), tuple(contents))
 
@@ -182,7 +182,7 @@ def build_template(preset: str, markers: dict[str, str] | None, tokenizer) -> Ch
     markers = markers or {}
     if preset == "model":
         if markers:
-            raise ConfigError("chat_markers: only presets take markers; 'model' uses the template the tokenizer carries")
+            raise ConfigError("chat_markers: only presets take markers; 'model' uses the tokenizer's own template")
         return ModelTemplate(tokenizer)
     if preset not in PRESETS:
         raise ConfigError(f"chat_template: unknown preset {preset!r}; presets: {', '.join(PRESETS)}, or 'model'")

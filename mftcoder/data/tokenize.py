@@ -79,8 +79,12 @@ def _encode_sanitized(tokenizer, rendering: Rendering, literals: list[tuple[int,
                             "control token from its characters")
         ids += piece_ids
         offsets += [(a + start, b + start) for a, b in piece_offsets]
+    return _encoded(ids, offsets, rendering, len(literals))
+
+
+def _encoded(ids: list[int], offsets: list, rendering: Rendering, as_text: int = 0) -> Encoded:
     mask = supervised_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), rendering.supervised)
-    return Encoded(np.asarray(ids, dtype=np.int32), mask, len(literals))
+    return Encoded(np.asarray(ids, dtype=np.int32), mask, as_text)
 
 
 def encode_renderings(tokenizer, controls: re.Pattern, renderings: list[Rendering]) -> list[Encoded | BadRecord]:
@@ -95,8 +99,7 @@ def encode_renderings(tokenizer, controls: re.Pattern, renderings: list[Renderin
         encoded = tokenizer([renderings[i].text for i in plain], add_special_tokens=False,
                             return_offsets_mapping=True, return_attention_mask=False)
         for i, ids, offsets in zip(plain, encoded["input_ids"], encoded["offset_mapping"]):
-            out[i] = Encoded(np.asarray(ids, dtype=np.int32), supervised_mask(
-                np.asarray(offsets, dtype=np.int64).reshape(-1, 2), renderings[i].supervised))
+            out[i] = _encoded(ids, offsets, renderings[i])
     for i, found in enumerate(literals):
         if found:
             try:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mftcoder.config import Config, ConfigError, resolve_for_world, to_dict
+from mftcoder.config import Config, ConfigError, check_metric_name, resolve_for_world, to_dict
 from mftcoder.data.batching import (Batch, SampleReader, arrange_rows, epoch_plan, micro_batches, optimizer_steps,
                                     plan_lengths)
 from mftcoder.data.prepare import PreparedData, prepare_data
@@ -96,9 +96,7 @@ class Trainer:
         self.data: PreparedData = prepare_data(config, self.tokenizer, self.template)
         self.num_tasks = len(self.data.tasks)
         self.task_names = [t.name for t in self.data.tasks]
-        if config.metric_for_best_model not in ["loss", *(f"loss/{n}" for n in self.task_names)]:
-            raise ConfigError(f"metric_for_best_model: {config.metric_for_best_model!r} is not a validation metric; "
-                              f"choose from loss, {', '.join(f'loss/{n}' for n in self.task_names)}")
+        check_metric_name(config, self.task_names)
         self.task_weights = torch.tensor(per_task_values("task_weights", config.task_weights, self.data.tasks))
         if self.task_weights.sum() <= 0:
             raise ConfigError("task_weights: at least one task needs a positive weight")
