@@ -74,7 +74,7 @@ def probe_samples(per_task, length: int = 24) -> list[tuple[np.ndarray, np.ndarr
                 samples.append((ids, np.ones(len(ids), dtype=np.uint8), task.task.id))
         if len(samples) == 2:
             return samples
-    rng = np.random.default_rng(0)  # too little data to take from: token ids from the first sample's range
+    rng = np.random.default_rng(0)  # fewer than two usable samples: random ids below 1000 (in every vocabulary)
     return [(rng.integers(3, 1000, length).astype(np.int32), np.ones(length, dtype=np.uint8), 0)
             for _ in range(2)]
 

@@ -82,7 +82,7 @@ def prompt_ids(tokenizer, turns: list[Turn] | list[dict],
 def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 8,
              progress: bool = False, streamer=None) -> list[list[str]]:
     """Generate for each prompt (token ids), left-padded in batches; returns num_return_sequences new texts
-    per prompt, decoded without the prompt and stopped at EOS."""
+    per prompt, decoded without the prompt and stopped at EOS or the template's end-of-turn token."""
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer, saved_template(tokenizer))
     outputs: list[list[str]] = []
