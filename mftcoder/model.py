@@ -39,7 +39,8 @@ def load_tokenizer(config: Config) -> tuple[object, ChatTemplate | ModelTemplate
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     template = build_template(config.chat_template, config.chat_markers, tokenizer)
-    tokenizer.chat_template = template.jinja()
+    if isinstance(template, ChatTemplate):  # a model's own template(s) stay exactly as they are
+        tokenizer.chat_template = template.jinja()
     return tokenizer, template
 
 

@@ -92,7 +92,7 @@ def prepare_data(config: Config, tokenizer, template: Template, raise_on_bad: bo
     """
     tasks = discover_tasks(config.data_paths, config.tasks)
     cache_root = Path(config.data_cache_dir) if config.data_cache_dir else None
-    rebuild_before = time.time() if config.overwrite_cache else None  # another rank's fresh cache is reused
+    rebuild_before = time.time() if config.overwrite_cache else None  # older caches only: not one a rank just built
     per_task = [prepare_task(load_tokenized(t, tokenizer, template, cache_root, config.preprocessing_num_workers,
                                             rebuild_before), config) for t in tasks]
     prepared = PreparedData(tasks, per_task)
