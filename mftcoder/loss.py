@@ -204,10 +204,17 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
         return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, coefficients, chunk_tokens)
     losses = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
     for start in range(0, len(targets), chunk_tokens):
-        logits = F.linear(hidden[start:start + chunk_tokens], weight, bias).float()
-        y = targets[start:start + chunk_tokens]
-        losses[start:start + chunk_tokens] = torch.logsumexp(logits, dim=1) - logits.gather(1, y[:, None]).squeeze(1)
+        chunk = slice(start, start + chunk_tokens)
+        _, _, losses[chunk] = _chunk_cross_entropy(hidden[chunk], weight, bias, targets[chunk])
     return (losses.double() * coefficients.double()).sum().float(), losses
+
+
+def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 logits of one chunk, their log-normalizer and the token cross-entropies."""
+    logits = F.linear(hidden, weight, bias).float()
+    log_norm = torch.logsumexp(logits, dim=1)
+    return logits, log_norm, log_norm - logits.gather(1, targets[:, None]).squeeze(1)
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -227,9 +234,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, len(targets), chunk_tokens):
             end = min(start + chunk_tokens, len(targets))
             h, y = hidden[start:end], targets[start:end]
-            logits = F.linear(h, weight, bias).float()
-            log_norm = torch.logsumexp(logits, dim=1)
-            losses[start:end] = log_norm - logits.gather(1, y[:, None]).squeeze(1)
+            logits, log_norm, losses[start:end] = _chunk_cross_entropy(h, weight, bias, y)
             grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
             grad_logits[torch.arange(end - start, device=y.device), y] -= 1.0
             grad_logits.mul_(coefficients[start:end, None])
