@@ -75,7 +75,12 @@ class Config:
     lora_alpha: float = opt(16.0, "LoRA scaling alpha.", section="model")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", section="model")
     target_modules: list[str] = opt([], "Modules LoRA wraps (default: the family's table, else 'all-linear').", section="model")
-    checkpoint_activations: bool = opt(False, "Gradient checkpointing: recompute activations in backward to save memory.", section="model")
+    checkpoint_activations: bool = opt(False, "Gradient checkpointing: keep only each decoder layer's input and recompute the rest in backward (much less memory, about a third more compute).", section="model")
+    max_forward_tokens: int | None = opt(None, "Run each micro-batch in forward/backward passes of at most this many tokens (whole rows; exact: the loss is normalized over the optimizer step). Activation memory is proportional to it. null: 1024 on CPU (where smaller passes cost no speed), no limit on GPU; 0: no limit.", section="model")
+    attn_implementation: str = opt("auto", "Attention kernel: 'auto' (the family's choice: sdpa, or eager where the model needs it), 'sdpa', 'eager', 'flex_attention', 'flash_attention_2' (where installed). Packed samples stay isolated in each.", ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2"), section="model")
+    torch_dtype: str = opt("auto", "Weights dtype. 'auto': float32 on CPU; on GPU the frozen base of LoRA/QLoRA in bfloat16, full fine-tuning in float32 master weights with bf16 compute.", ("auto", "float32", "bfloat16"), section="model")
+    save_dtype: str = opt("auto", "dtype of saved model weights: 'auto' (the base model's own dtype; float32 for a random-init model), 'float32', 'bfloat16', 'float16'.", ("auto", "float32", "bfloat16", "float16"), section="model")
+    quantization: str | None = opt(None, "QLoRA: load the frozen base quantized with bitsandbytes, 'nf4' (4-bit) or 'int8'; needs peft_type: lora.", (None, "nf4", "int8"), section="model")
     bf16: bool | None = opt(None, "bf16 autocast: null = on when a GPU supports it, off on CPU.", section="model")
     fp16: bool = opt(False, "fp16 is not supported (use bf16); only false is accepted.", section="model")
     tp: int = opt(1, "Tensor-parallel size; only 1 is supported (as in the reference).", section="model")
@@ -360,6 +365,11 @@ def validate(config: Config, given: set[str]) -> list[str]:
         raise ConfigError(f"min_lr ({config.min_lr}) is above learning_rate ({config.learning_rate})")
     if not 0 <= config.lora_dropout < 1:
         raise ConfigError(f"lora_dropout: must be in [0, 1), got {config.lora_dropout}")
+    if config.max_forward_tokens is not None and config.max_forward_tokens < 0:
+        raise ConfigError(f"max_forward_tokens: must be positive (or 0 for no limit), got {config.max_forward_tokens}")
+    if config.quantization and config.peft_type != "lora":
+        raise ConfigError(f"quantization: {config.quantization} trains LoRA adapters on a frozen quantized base; "
+                          "set peft_type: lora")
     if config.save_total_limit is not None and config.save_total_limit < 1:
         raise ConfigError("save_total_limit: must be at least 1 (or null for no limit)")
     if config.valid_iters is not None and config.valid_iters < 1:
