@@ -68,16 +68,18 @@ def pack_available() -> bool:
     return "pack" in (fields()["padding_mode"].metadata.get("choices") or ())
 
 
-def renderer():
+def renderer(tokenizer_dir: str | None = None):
+    """The shipped tokenizer and mftcoder's template, or a model's tokenizer with its own chat template."""
     from mftcoder.config import build_config
     from mftcoder.model import load_tokenizer
 
-    tokenizer, template = load_tokenizer(build_config({})[0])
+    values = {"tokenizer_path": tokenizer_dir, "chat_template": "model"} if tokenizer_dir else {}
+    tokenizer, template = load_tokenizer(build_config(values)[0])
     tokenizer.model_max_length = 10**9  # counting only; no "longer than 2048" warnings
     return tokenizer, template
 
 
-def load_samples(data_dirs: list[str], seq_length: int):
+def load_samples(data_dirs: list[str], seq_length: int, tokenizer_dir: str | None = None):
     """(ids, mask) per sample, tokenized by mftcoder's renderer and truncated to seq_length, in task order.
 
     Same length policy as mftcoder's default (`over_length: truncate`): a sample whose supervised tokens were
@@ -87,7 +89,7 @@ def load_samples(data_dirs: list[str], seq_length: int):
     from mftcoder.data.records import parse_record
     from mftcoder.data.tokenize import encode_conversations
 
-    tokenizer, template = renderer()
+    tokenizer, template = renderer(tokenizer_dir)
     samples = []
     for folder in data_dirs:
         for path in sorted(Path(folder).rglob("*.jsonl")):
@@ -442,7 +444,8 @@ def wait_for_idle(limit: float, threshold: float = 0.3) -> float | None:
             return load
 
 
-def run_worker(spec: dict, work: Path, name: str, timeout: float, wait_idle: float = 0.0) -> dict:
+def run_worker(spec: dict, work: Path, name: str, timeout: float, wait_idle: float = 0.0,
+               script: Path | None = None) -> dict:
     """Run one variant in a fresh Python process; its result, or an error with the log's tail.
 
     Also measures how busy the rest of the machine was meanwhile (other processes' cores, from /proc/stat
@@ -463,7 +466,7 @@ def run_worker(spec: dict, work: Path, name: str, timeout: float, wait_idle: flo
     busy_before, own_before = cpu_busy_seconds(), children_cpu_seconds()
     try:
         with open(log_path, "w") as log:
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+            proc = subprocess.run([sys.executable, str(script or Path(__file__).resolve()), "--worker", str(spec_path)],
                                   stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout, env=env, cwd=str(REPO))
         stdout = proc.stdout
         code = proc.returncode

@@ -43,11 +43,32 @@ def family(model_type: str) -> Family:
     return FAMILIES.get(model_type, UNKNOWN)
 
 
-def attn_implementation(model_config) -> str | None:
-    """The family's attention; eager for any model that soft-caps attention logits."""
+def attn_implementation(model_config, requested: str = "auto") -> str | None:
+    """The attention kernel: the one asked for, else the family's (eager for models that soft-cap attention
+    logits, which SDPA cannot). Whether packed samples stay isolated in it is checked at start-up."""
+    if requested == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            from mftcoder.config import ConfigError
+
+            raise ConfigError("attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                              "(pip install flash-attn); use sdpa")
+    if requested != "auto":
+        return requested
     if getattr(model_config, "attn_logit_softcapping", None) is not None:
         return "eager"
     return family(model_config.model_type).attn_implementation
+
+
+def check_attention_device(model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse an attention kernel that cannot train on this device (measured: torch 2.13's FlexAttention has
+    no backward on CPU)."""
+    from mftcoder.config import ConfigError
+
+    if getattr(model.config, "_attn_implementation", None) == "flex_attention" and device.type == "cpu":
+        raise ConfigError("attn_implementation: flex_attention has no backward pass on CPU in this torch; "
+                          "use sdpa (the CPU default: a flash kernel that keeps packed samples apart)")
 
 
 def logit_transforms(model_config) -> list[str]:
@@ -116,6 +137,7 @@ def build_runner(model: torch.nn.Module, padding_mode: str, per_task, pad_id: in
     from mftcoder.config import ConfigError
     from mftcoder.loss import SupervisedLM
 
+    check_attention_device(model, device)
     samples = probe_samples(per_task)
     transforms = logit_transforms(model.config)
     fused = family(model.config.model_type).fused_head and not transforms

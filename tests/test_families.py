@@ -169,3 +169,29 @@ def test_packing_check_refuses_or_falls_back_on_a_leaky_model(small_tasks, tmp_p
     assert trainer.reader.packed is False and len(trainer.run().step_losses) == 1
     # The same architecture without the wrapper packs.
     assert trainer_for(small_tasks, tmp_path, "llama", padding_mode="pack").padding_mode == "pack"
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "llama"])
+def test_attention_implementations_keep_packed_samples_apart_and_agree(small_tasks, tmp_path, name):
+    """sdpa and eager: packed rows give each sample's own per-token losses, and both kernels give the same."""
+    losses = {}
+    for kernel in ("sdpa", "eager"):
+        (tmp_path / kernel).mkdir()
+        trainer = trainer_for(small_tasks, tmp_path / kernel, name, attn_implementation=kernel, padding_mode="pack")
+        assert trainer.model.config._attn_implementation == kernel
+        samples = [(*t.sample(int(r)), t.task.id) for t in trainer.data.per_task for r in t.train[:2]]
+        with torch.no_grad():
+            packed = trainer.runner(collate([samples[:3], samples[3:]], 1, packed=True))[1]
+            apart = trainer.runner(collate([[s] for s in samples], 1))[1]
+        assert (packed - apart).abs().max() < 1e-5
+        losses[kernel] = packed
+    assert (losses["sdpa"] - losses["eager"]).abs().max() < 1e-5
+    assert losses["sdpa"].mean() > 5  # a random model: losses near log(vocab), not a degenerate zero
+
+
+def test_attention_kernels_that_cannot_train_here_are_refused(small_tasks, tmp_path):
+    with pytest.raises(ConfigError, match="flex_attention has no backward pass on CPU"):
+        trainer_for(small_tasks, tmp_path, "llama", attn_implementation="flex_attention")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="flash_attention_2 needs a CUDA GPU"):
+            trainer_for(small_tasks, tmp_path, "llama", attn_implementation="flash_attention_2")
