@@ -78,8 +78,8 @@ class Config:
     checkpoint_activations: bool = opt(False, "Gradient checkpointing: keep only each decoder layer's input and recompute the rest in backward (much less memory, about a third more compute).", section="model")
     max_forward_tokens: int | None = opt(None, "Run each micro-batch in forward/backward passes of at most this many tokens (whole rows; exact: the loss is normalized over the optimizer step). Activation memory is proportional to it. null: 1024 on CPU (where smaller passes cost no speed), no limit on GPU; 0: no limit.", section="model")
     attn_implementation: str = opt("auto", "Attention kernel: 'auto' (the family's choice: sdpa, or eager where the model needs it), 'sdpa', 'eager', 'flex_attention', 'flash_attention_2' (where installed). Packed samples stay isolated in each.", ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2"), section="model")
-    torch_dtype: str = opt("auto", "Weights dtype. 'auto': float32 on CPU; on GPU the frozen base of LoRA/QLoRA in bfloat16, full fine-tuning in float32 master weights with bf16 compute.", ("auto", "float32", "bfloat16"), section="model")
-    save_dtype: str = opt("auto", "dtype of saved model weights: 'auto' (the base model's own dtype; float32 for a random-init model), 'float32', 'bfloat16', 'float16'.", ("auto", "float32", "bfloat16", "float16"), section="model")
+    torch_dtype: str = opt("auto", "Weights dtype. 'auto': float32 on CPU (bf16 is far slower there); on GPU the frozen base of LoRA/QLoRA in bfloat16, full fine-tuning in float32 master weights with bf16 compute (autocast / FSDP mixed precision). 'bfloat16' halves weight memory anywhere; LoRA adapters stay float32; full fine-tuning then has no float32 master weights, so updates below ~1/256 of a weight round away (a note says so).", ("auto", "float32", "bfloat16"), section="model")
+    save_dtype: str = opt("auto", "dtype of saved full-model weights (full checkpoints, the random base of a LoRA run): 'auto' (the base model's own, as its config.json states; float32 for a random-init model), 'float32', 'bfloat16', 'float16'. Only the saved copy is cast. Where it is narrower than the training weights, the checkpoint also keeps those exactly (resume/weights), so resume stays exact. LoRA adapters are saved as trained (float32).", ("auto", "float32", "bfloat16", "float16"), section="model")
     quantization: str | None = opt(None, "QLoRA: load the frozen base quantized with bitsandbytes, 'nf4' (4-bit) or 'int8'; needs peft_type: lora.", (None, "nf4", "int8"), section="model")
     bf16: bool | None = opt(None, "bf16 autocast: null = on when a GPU supports it, off on CPU.", section="model")
     fp16: bool = opt(False, "fp16 is not supported (use bf16); only false is accepted.", section="model")
@@ -370,6 +370,9 @@ def validate(config: Config, given: set[str]) -> list[str]:
     if config.quantization and config.peft_type != "lora":
         raise ConfigError(f"quantization: {config.quantization} trains LoRA adapters on a frozen quantized base; "
                           "set peft_type: lora")
+    if config.quantization and config.distributed_strategy == "fsdp":
+        raise ConfigError(f"quantization: {config.quantization} is not supported with distributed_strategy: fsdp "
+                          "(sharding bitsandbytes weights); use distributed_strategy: ddp")
     if config.save_total_limit is not None and config.save_total_limit < 1:
         raise ConfigError("save_total_limit: must be at least 1 (or null for no limit)")
     if config.valid_iters is not None and config.valid_iters < 1:
@@ -389,7 +392,12 @@ def validate(config: Config, given: set[str]) -> list[str]:
         values = weights.values() if isinstance(weights, dict) else weights
         if any(w < 0 for w in values):
             raise ConfigError(f"{name}: weights must not be negative")
-    return [PLACEHOLDER_NOTICES[k] for k in sorted(given) if k in PLACEHOLDER_NOTICES]
+    notices = [PLACEHOLDER_NOTICES[k] for k in sorted(given) if k in PLACEHOLDER_NOTICES]
+    if config.torch_dtype == "bfloat16" and not config.peft_type:
+        notices.append("torch_dtype: bfloat16 with full fine-tuning keeps no float32 master weights: AdamW updates "
+                       "below ~1/256 of a weight round away (at learning_rate 1e-5, most of them); use torch_dtype "
+                       "auto or float32 (bf16: true still computes in bf16) unless memory forces bf16 weights")
+    return notices
 
 
 def resolve_for_world(config: Config, world_size: int) -> Config:
@@ -407,6 +415,16 @@ def resolve_for_world(config: Config, world_size: int) -> Config:
         raise ConfigError(f"total_train_batch_size ({total}) and per_device_train_batch_size ({per_device}) disagree: "
                           f"{world_size} process(es) x {per_device} = {per_device * world_size}; set only one of them")
     return dataclasses.replace(config, per_device_train_batch_size=total // world_size)
+
+
+CPU_FORWARD_TOKENS = 1024  # CPU matmul throughput is flat from here up (measured), so smaller passes only save memory
+
+
+def forward_token_limit(config: Config, device_type: str) -> int:
+    """Positions per forward/backward pass (0: the whole micro-batch at once); see max_forward_tokens."""
+    if config.max_forward_tokens is not None:
+        return config.max_forward_tokens
+    return CPU_FORWARD_TOKENS if device_type == "cpu" else 0
 
 
 def check_metric_name(config: Config, task_names: list[str]) -> None:

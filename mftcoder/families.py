@@ -130,6 +130,26 @@ def head_difference(model: torch.nn.Module, runner: torch.nn.Module, sample: tup
     return float((fused - own).abs().max())
 
 
+def float32_probe(model: torch.nn.Module, layers: int = 2) -> torch.nn.Module:
+    """The model the start-up checks run on: the model itself when it computes in float32; otherwise a float32
+    miniature (same config and code, `layers` decoder layers, random weights), because bf16 rounding (up to 0.25
+    per token measured) would hide a leak or a logit transform. Both are properties of the code, not the weights."""
+    import copy
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if all(p.dtype == torch.float32 for p in inner.parameters() if p.is_floating_point()):
+        return model
+    config = copy.deepcopy(inner.config)
+    config.num_hidden_layers = min(layers, config.num_hidden_layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:config.num_hidden_layers]
+    config.quantization_config = None
+    torch.manual_seed(0)  # (the caller's RNG state is restored below: training must not depend on this probe)
+    # The class already loaded (no code is fetched or trusted anew).
+    return type(inner)._from_config(config, dtype=torch.float32,
+                                    attn_implementation=config._attn_implementation).eval()
+
+
 def build_runner(model: torch.nn.Module, padding_mode: str, per_task, pad_id: int, device: torch.device,
                  say=None) -> tuple[torch.nn.Module, str]:
     """The SupervisedLM for this model, and the batch layout, both checked on the model itself: the fused output
@@ -139,10 +159,12 @@ def build_runner(model: torch.nn.Module, padding_mode: str, per_task, pad_id: in
 
     check_attention_device(model, device)
     samples = probe_samples(per_task)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = float32_probe(model).to(device)
     transforms = logit_transforms(model.config)
     fused = family(model.config.model_type).fused_head and not transforms
     if fused:
-        gap = head_difference(model, SupervisedLM(model), samples[0], device)
+        gap = head_difference(probe, SupervisedLM(probe), samples[0], device)
         if gap > TOLERANCE:
             fused = False
             if say:
@@ -151,7 +173,8 @@ def build_runner(model: torch.nn.Module, padding_mode: str, per_task, pad_id: in
     runner = SupervisedLM(model, fused_head=fused)
     if padding_mode not in ("auto", "pack"):
         return runner, padding_mode
-    gap = packing_difference(runner, samples, pad_id, device)
+    gap = packing_difference(runner if probe is model else SupervisedLM(probe, fused_head=fused), samples, pad_id,
+                             device)
     if gap <= TOLERANCE:
         return runner, "pack"
     reason = (f"this model does not keep packed samples apart (per-token losses of two samples packed in one row "

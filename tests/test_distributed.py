@@ -30,8 +30,12 @@ def settings(small_tasks, output_dir: Path, **overrides) -> dict:
 
 def run_two_ranks(values: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     overrides = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()]
+    return run_bounded([sys.executable, "-m", "mftcoder", "train", "/dev/null", "--nproc", "2", *overrides], timeout)
+
+
+def run_bounded(command: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """Run a launcher and its ranks in their own process group, killed as a whole if they outlive `timeout`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "mftcoder", "train", "/dev/null", "--nproc", "2", *overrides]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
                                start_new_session=True)
     try:
@@ -96,6 +100,44 @@ def test_resume_under_fsdp_matches_the_uninterrupted_run(small_tasks, tmp_path, 
     assert (tmp_path / "full" / "checkpoint-4" / "resume" / "optimizer").is_dir()  # sharded optimizer state
 
 
+def save_tiny_pretrained(directory: Path) -> Path:
+    """The tiny-test model (random weights) saved as a pretrained model directory with the shipped tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mftcoder.model import SHIPPED_TOKENIZER, read_model_config
+
+    torch.manual_seed(7)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_model_config("tiny-test"))).save_pretrained(directory)
+    shutil.copytree(SHIPPED_TOKENIZER, directory, dirs_exist_ok=True)
+    return directory
+
+
+def test_fsdp_reads_the_weights_on_rank_0_only_and_lora_trains_like_one_process(small_tasks, tmp_path):
+    # Low-memory loading: rank 1 builds its model on the meta device and only ever holds its shards, filled from
+    # rank 0 (weights and LoRA initialisation alike); training then matches one process with the whole batch.
+    base = save_tiny_pretrained(tmp_path / "base")
+    common = dict(pretrained_model_path=str(base), peft_type="lora", lora_dropout=0.0, adam_epsilon=1e-5,
+                  learning_rate=1e-3)
+    one = {k: v for k, v in settings(small_tasks, tmp_path / "one", per_device_train_batch_size=8, **common).items()
+           if k != "model_config"}
+    two = {**one, "output_dir": str(tmp_path / "two"), "per_device_train_batch_size": None,
+           "total_train_batch_size": 8, "distributed_strategy": "fsdp"}
+    single = train(build_config(one)[0])
+    done = run_bounded([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "tests" / "sharded_load_probe.py"), json.dumps(two), str(tmp_path)], timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
+    assert not rank0["built_all_meta"] and rank0["built_bytes"] > 40e6  # the whole model (~54 MB in float32)
+    assert rank1["built_all_meta"] and rank1["built_bytes"] == 0
+    assert rank0["meta_after"] == rank1["meta_after"] == []
+    assert rank1["shard_bytes"] < 0.52 * rank0["built_bytes"]  # half the model, plus the adapters' share
+    assert rank0["losses"] == rank1["losses"] == pytest.approx(single.step_losses, rel=1e-5)
+    a, b = final_weights(tmp_path / "one", 3), final_weights(tmp_path / "two", 3)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), (key, (a[key] - b[key]).abs().max())
+
+
 def test_a_failing_rank_ends_the_job_with_its_error(small_tasks, tmp_path):
     # A two-process checkpoint whose rank-1 RNG state is gone: only rank 1 fails while rank 0 goes on into a
     # collective; the job must end (not hang) with rank 1's error shown.
@@ -113,3 +155,16 @@ def test_resume_with_another_number_of_processes_is_refused(small_tasks, tmp_pat
     assert done.returncode != 0  # torchrun reports the ranks' exit status 2 as 1
     assert (f"error: resume_from_checkpoint: {tmp_path / 'checkpoint-2'} was written by 1 process(es) and this run "
             "has 2") in done.stderr
+
+
+def test_activation_checkpointing_under_fsdp_trains_exactly_as_without(small_tasks, tmp_path):
+    """LoRA with dropout under FSDP2: recomputing the activations (same dropout masks) changes no loss or weight."""
+    values = dict(distributed_strategy="fsdp", per_device_train_batch_size=2, max_steps=2, checkpointing_steps=2,
+                  evaluation_steps=2, peft_type="lora", learning_rate=2e-2, lora_dropout=0.1)
+    for name, recompute in (("plain", False), ("recomputed", True)):
+        done = run_two_ranks(settings(small_tasks, tmp_path / name, checkpoint_activations=recompute, **values))
+        assert done.returncode == 0, done.stderr[-4000:]
+    assert train_losses(tmp_path / "recomputed") == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-6)
+    a, b = final_weights(tmp_path / "plain", 2), final_weights(tmp_path / "recomputed", 2)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # the adapters did train

@@ -195,3 +195,25 @@ def test_attention_kernels_that_cannot_train_here_are_refused(small_tasks, tmp_p
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="flash_attention_2 needs a CUDA GPU"):
             trainer_for(small_tasks, tmp_path, "llama", attn_implementation="flash_attention_2")
+
+
+def test_start_up_checks_of_a_bf16_model_run_on_a_float32_miniature():
+    """bf16 rounding would pass for a leak (or hide one): the checks run on a float32 twin of the model's code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mftcoder.families import float32_probe, packing_difference
+    from mftcoder.loss import SupervisedLM
+
+    config = AutoConfig.for_model("llama", **{**FAMILIES["llama"], "num_hidden_layers": 4, "vocab_size": 1000})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(torch.bfloat16)
+    rng_before = torch.get_rng_state()
+    probe = float32_probe(model)
+    assert type(probe) is type(model) and probe.config.num_hidden_layers == 2 and model.config.num_hidden_layers == 4
+    assert {p.dtype for p in probe.parameters()} == {torch.float32} and probe.config._attn_implementation == "sdpa"
+    assert float32_probe(probe) is probe  # a float32 model is checked as itself
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(3, 1000, 30).astype(np.int32), np.ones(30, dtype=np.uint8), 0) for _ in range(2)]
+    cpu = torch.device("cpu")
+    assert packing_difference(SupervisedLM(probe), samples, 0, cpu) < 1e-5
+    assert packing_difference(SupervisedLM(model), samples, 0, cpu) > 1e-4  # bf16 noise alone, no leak
+    torch.set_rng_state(rng_before)

@@ -232,3 +232,14 @@ def test_an_unknown_best_model_metric_is_refused_before_training(small_tasks, tm
                                           r"metric; choose from loss, loss/code_docstring, loss/code_generation"):
         Trainer(make_config(small_tasks, tmp_path, metric_for_best_model="loss/code_generaton"), DistEnv())
     assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_activation_checkpointing_full_fine_tuning_trains_exactly_as_without(small_tasks, tmp_path):
+    """Recomputing each layer's activations in backward (full fine-tuning, one process) changes no loss."""
+    plain = train(make_config(small_tasks, tmp_path / "plain", max_steps=3, evaluation_strategy="no"))
+    recomputed = train(make_config(small_tasks, tmp_path / "ckpt", max_steps=3, evaluation_strategy="no",
+                                   checkpoint_activations=True))
+    assert recomputed.step_losses == pytest.approx(plain.step_losses, rel=1e-6)
+    assert plain.step_losses[-1] < plain.step_losses[0]
+    a, b = weights_of(plain.final_checkpoint), weights_of(recomputed.final_checkpoint)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)

@@ -18,6 +18,7 @@ from mftcoder.train.distributed import Parallelism
 
 STATE_FILE = "trainer_state.json"
 RESUME_DIR = "resume"
+EXACT_WEIGHTS = "weights"  # RESUME_DIR/weights: the training weights, kept where save_dtype is narrower
 STEP_NAME = re.compile(r"^checkpoint-(\d+)$")
 EPOCH_NAME = re.compile(r"^checkpoint-epoch-(\d+)$")
 
@@ -66,10 +67,10 @@ def find_latest(output_dir: Path) -> Path | None:
 
 def save_checkpoint(output_dir: Path, name: str, model: torch.nn.Module, runner: torch.nn.Module, tokenizer,
                     optimizer: torch.optim.Optimizer, state: TrainerState, run_files: dict[str, dict],
-                    parallel: Parallelism) -> Path:
+                    parallel: Parallelism, save_dtype: torch.dtype | None = None) -> Path:
     """Write checkpoint `name` atomically; every rank calls this. Everything goes to a hidden temporary
-    folder (the user's model as an HF directory or PEFT adapter, the tokenizer, optimizer, RNG and the
-    `run_files` resume checks read), the state file last, then one rename by the main process makes it
+    folder (the user's model as an HF directory in `save_dtype` or PEFT adapter, the tokenizer, optimizer, RNG
+    and the `run_files` resume checks read), the state file last, then one rename by the main process makes it
     visible. A crash before the rename leaves nothing that resume would pick; a checkpoint being replaced
     is set aside first and removed only once its replacement is in place."""
     env = parallel.env
@@ -80,7 +81,7 @@ def save_checkpoint(output_dir: Path, name: str, model: torch.nn.Module, runner:
     env.barrier()
     full_state = parallel.full_model_state(runner)  # a collective under FSDP
     if env.is_main:
-        model.save_pretrained(tmp, state_dict=full_state) if full_state is not None else model.save_pretrained(tmp)
+        save_model(model, tmp, full_state, save_dtype)
         tokenizer.save_pretrained(tmp)
     parallel.save_optimizer(runner, optimizer, tmp / RESUME_DIR)
     write_resume_state(tmp / RESUME_DIR, env.rank, run_files if env.is_main else None)
@@ -95,6 +96,46 @@ def save_checkpoint(output_dir: Path, name: str, model: torch.nn.Module, runner:
         shutil.rmtree(old, ignore_errors=True)
     env.barrier()
     return final
+
+
+def save_model(model: torch.nn.Module, directory: Path, state: dict | None, dtype: torch.dtype | None) -> None:
+    """The user's model into a checkpoint: a LoRA adapter as trained (float32), or the full model as an HF
+    directory in `dtype`. `state`: the gathered weights under FSDP (a copy), else None (the model's own). Where
+    `dtype` is narrower than the training weights, RESUME_DIR/weights keeps them exactly, for an exact resume."""
+    if hasattr(model, "get_base_model") or dtype is None:
+        model.save_pretrained(directory, state_dict=state) if state is not None else model.save_pretrained(directory)
+        return
+    state = state if state is not None else model.state_dict()
+    if any(t.is_floating_point() and t.dtype != dtype for t in state.values()) and dtype != torch.float32:
+        model.save_pretrained(directory / RESUME_DIR / EXACT_WEIGHTS, state_dict=dict(state))
+    save_weights(model, directory, state, dtype)
+
+
+def save_weights(model: torch.nn.Module, directory: Path, state: dict | None, dtype: torch.dtype) -> None:
+    """An HF model directory whose weights (and config.json `dtype`) are in `dtype`. Only the saved copy is cast,
+    tensor by tensor, never the training weights: a gathered `state` (FSDP) is cast in place, so no second copy
+    builds up; the model's own weights (`state` None) are cast into a new dict (float32 -> bf16: +50% at save)."""
+    if state is None:
+        state = dict(model.state_dict())
+    cast: dict[tuple, torch.Tensor] = {}  # tied weights stay one tensor, so safetensors still sees them as tied
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if ident not in cast:
+                cast[ident] = tensor.to(dtype)
+            state[key] = cast[ident]
+    model.save_pretrained(directory, state_dict=state)
+    config_file = directory / "config.json"
+    stated = json.loads(config_file.read_text())
+    stated["dtype"] = str(dtype).removeprefix("torch.")  # save_pretrained writes the training weights' dtype
+    config_file.write_text(json.dumps(stated, indent=2, sort_keys=True) + "\n")
+
+
+def model_weights(checkpoint: Path) -> Path:
+    """Where a full checkpoint's exact training weights are: RESUME_DIR/weights when the model files were saved
+    in a narrower dtype, else the checkpoint itself."""
+    exact = checkpoint / RESUME_DIR / EXACT_WEIGHTS
+    return exact if (exact / "config.json").is_file() else checkpoint
 
 
 def write_resume_state(directory: Path, rank: int, run_files: dict[str, dict] | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +77,10 @@ class Parallelism:
     def sharded(self) -> bool:
         return self.strategy == "fsdp"
 
-    def wrap(self, runner: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP around the runner, or FSDP2: each decoder layer sharded on its own, then the root."""
+    def wrap(self, runner: torch.nn.Module, model: torch.nn.Module,
+             around_shard: Callable[[torch.nn.Module, Callable], None] | None = None) -> torch.nn.Module:
+        """DDP around the runner, or FSDP2: each decoder layer sharded on its own, then the root. `around_shard`
+        (FSDP), if given, is called as around_shard(unit, shard) for each of them and must call shard(unit)."""
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -92,9 +95,12 @@ class Parallelism:
             layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
             if not layers:
                 raise ValueError(f"FSDP: no decoder layers found in {type(model).__name__} (_no_split_modules)")
-            for layer in layers:
-                fully_shard(layer, mp_policy=policy)
-            fully_shard(runner, mp_policy=policy)
+
+            def shard(unit: torch.nn.Module) -> None:
+                fully_shard(unit, mp_policy=policy)
+
+            for unit in [*layers, runner]:
+                around_shard(unit, shard) if around_shard else shard(unit)
         return runner
 
     def gradient_sync(self, runner: torch.nn.Module, sync: bool):
@@ -106,13 +112,16 @@ class Parallelism:
         return contextlib.nullcontext()
 
     def full_model_state(self, runner: torch.nn.Module) -> dict | None:
-        """Under FSDP the full (gathered, CPU) state dict of the user's model, on every rank (a collective);
-        otherwise None: the model saves its own state."""
+        """Under FSDP the full (gathered, CPU) state dict of the user's model, on the main process (a collective;
+        the others get {}); a LoRA model's frozen base is left out (only the adapter is saved). Otherwise None:
+        the model saves its own state."""
         if not self.sharded:
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(runner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        adapter_only = hasattr(getattr(runner, "model", None), "get_base_model")
+        state = get_model_state_dict(runner, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                      ignore_frozen_params=adapter_only))
         return {key.removeprefix("model."): value for key, value in state.items()}
 
     def save_optimizer(self, runner: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:

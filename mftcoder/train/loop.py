@@ -12,18 +12,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mftcoder.config import Config, ConfigError, check_metric_name, resolve_for_world, to_dict
+from mftcoder.config import (Config, ConfigError, check_metric_name, forward_token_limit, resolve_for_world,
+                             to_dict)
 from mftcoder.data.batching import (Batch, SampleReader, arrange_rows, epoch_plan, micro_batches, optimizer_steps,
                                     plan_lengths)
 from mftcoder.data.prepare import PreparedData, prepare_data
 from mftcoder.data.tasks import per_task_values
-from mftcoder.families import build_runner
 from mftcoder.loss import StepCounts, TaskTotals, token_coefficients
-from mftcoder.model import load_base_model, load_tokenizer, parameter_groups, prepare_for_training
+from mftcoder.model import load_base_model, load_tokenizer, parameter_groups, prepare_for_training, save_dtype
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, shutdown
 from mftcoder.train.metrics import MetricsLogger
 from mftcoder.train.schedule import learning_rate
+from mftcoder.train.sharded_load import RankZeroLoad
 
 # Settings a resumed run must share with the run that wrote the checkpoint, or the data order changes
 # (num_train_epochs and max_steps may grow: that trains on, with the schedule stretched to the new end).
@@ -49,13 +50,15 @@ class RunResult:
 
 def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], counts: StepCounts, mode: str,
                          task_weights: torch.Tensor, parallel: Parallelism, totals: TaskTotals,
-                         autocast: contextlib.AbstractContextManager) -> float:
-    """Forward and backward every micro-batch of one optimizer step; returns the step's objective.
+                         autocast: contextlib.AbstractContextManager, max_forward_tokens: int = 0) -> float:
+    """Forward and backward every micro-batch of one optimizer step (each in passes of at most
+    max_forward_tokens positions); returns the step's objective.
 
     Coefficients come from step-level counts, so the summed gradient equals that of one big batch; under
     data parallelism each rank's share is scaled by the world size because DDP and FSDP average gradients.
     """
     env, step_loss = parallel.env, 0.0
+    batches = [piece for batch in batches for piece in batch.split_rows(max_forward_tokens)]
     aux_scale = 1.0 / (len(batches) * env.world_size)  # a model's auxiliary loss: its mean over the step
     for i, batch in enumerate(batches):
         batch = batch.to(env.device)
@@ -106,19 +109,26 @@ class Trainer:
             ckpt.remove_incomplete(self.output_dir)  # a save that crashed: its leftovers go, a set-aside one returns
         env.barrier()
         self.resume_from = self._resume_checkpoint()
-        full_weights = self.resume_from if self.resume_from and not ckpt.is_adapter(self.resume_from) else None
-        base = load_base_model(config, self.tokenizer, self.template, full_weights)
+        resume_full = self.resume_from is not None and not ckpt.is_adapter(self.resume_from)
+        full_weights = ckpt.model_weights(self.resume_from) if resume_full else None
+        # Under FSDP only rank 0 reads the weights; the others build an empty twin, filled once it is sharded.
+        loading = RankZeroLoad(env, sharded=config.distributed_strategy == "fsdp")
+        base = load_base_model(config, self.tokenizer, self.template, full_weights, empty=loading.empty)
+        self.save_dtype = save_dtype(config)
         if config.peft_type and not config.pretrained_model_path and env.is_main:
-            save_random_base(base, self.tokenizer, self.output_dir / "base-model")
-        self.model = prepare_for_training(base, config).to(env.device)
-        if self.resume_from and ckpt.is_adapter(self.resume_from):
+            save_random_base(base, self.tokenizer, self.output_dir / "base-model", self.save_dtype)
+        self.model = prepare_for_training(base, config)
+        # A quantized base was loaded onto env.device (bitsandbytes weights stay put); an empty one stays on meta.
+        if not config.quantization and not loading.empty:
+            self.model = self.model.to(env.device)
+        if self.resume_from and ckpt.is_adapter(self.resume_from) and not loading.empty:
             ckpt.load_adapter(self.resume_from, self.model)
         self.autocast, use_bf16 = self._autocast()
+        self.forward_tokens = forward_token_limit(config, env.device.type)
         self.parallel = Parallelism(env, config.distributed_strategy, bf16=use_bf16)
-        runner, self.padding_mode = build_runner(self.model, config.padding_mode, self.data.per_task,
-                                                 self.tokenizer.pad_token_id, env.device,
-                                                 tqdm.write if env.is_main else None)
-        self.runner = self.parallel.wrap(runner, self.model)
+        runner, self.padding_mode = loading.build_runner(self.model, config.padding_mode, self.data.per_task,
+                                                         self.tokenizer.pad_token_id, tqdm.write if env.is_main else None)
+        self.runner = loading.wrap(self.parallel, runner, self.model)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.weight_decay), lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
         pad_to = config.seq_length if self.padding_mode == "padding" else None
@@ -241,7 +251,7 @@ class Trainer:
         counts = StepCounts(*self.env.all_reduce_sum(torch.stack([counts.tokens, counts.samples])))
         step_totals = TaskTotals.zeros(self.num_tasks)
         loss = accumulate_gradients(self.runner, batches, counts, config.weighted_loss_mode, self.task_weights,
-                                    self.parallel, step_totals, self.autocast)
+                                    self.parallel, step_totals, self.autocast, self.forward_tokens)
         tokens, capacity = (int(x) for x in self.env.all_reduce_sum(torch.tensor(
             [sum(b.num_tokens for b in batches), sum(b.attention_mask.numel() for b in batches)])))
         self.interval.tokens += tokens
@@ -287,6 +297,8 @@ class Trainer:
                         "tokens_per_s": interval.tokens / max(elapsed, 1e-9),
                         "packing_efficiency": interval.tokens / max(1, interval.capacity),
                         "epoch": self.state.epoch + self.state.step_in_epoch / max(1, self.steps_per_epoch)})
+        if self.env.device.type == "cuda":  # this (the main) process's peak since it started
+            metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.logger.log("train", self.state.step, metrics)
         self.interval = Interval(TaskTotals.zeros(self.num_tasks))
 
@@ -374,19 +386,21 @@ class Trainer:
             if state.last_eval["improved"]:
                 state.best_checkpoint = name
         ckpt.save_checkpoint(self.output_dir, name, self.model, self.runner, self.tokenizer, self.optimizer, state,
-                             {"config.json": to_dict(self.config), "layout.json": self.layout}, self.parallel)
+                             {"config.json": to_dict(self.config), "layout.json": self.layout}, self.parallel,
+                             self.save_dtype)
         if self.env.is_main:
             ckpt.apply_retention(self.output_dir, self.config.save_total_limit, state.best_checkpoint)
         self.env.barrier()
         return path
 
 
-def save_random_base(model: torch.nn.Module, tokenizer, directory: Path) -> None:
-    """A LoRA run on a random-initialised model keeps its base on disk, so the adapter can be merged later."""
+def save_random_base(model: torch.nn.Module, tokenizer, directory: Path, dtype: torch.dtype) -> None:
+    """A LoRA run on a random-initialised model keeps its base on disk (in save_dtype), so the adapter can be
+    merged later."""
     if directory.exists():
         return
     tmp = directory.with_name(f".{directory.name}.tmp")
-    model.save_pretrained(tmp)
+    ckpt.save_weights(model, tmp, None, dtype)
     tokenizer.save_pretrained(tmp)
     tmp.rename(directory)
 

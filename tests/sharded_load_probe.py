@@ -1,0 +1,51 @@
+"""Run by tests/test_distributed.py under torchrun: trains with the config given as JSON (argv[1]) and writes, per rank,
+to argv[2]/rank-N.json what the model held before sharding (real bytes, all meta?), whether anything stayed on the
+meta device afterwards, the bytes of this rank's shards, and the step losses."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import mftcoder.train.loop as loop
+from mftcoder.config import build_config
+from mftcoder.train.distributed import init_distributed, shutdown
+
+
+def real_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters that hold memory on this rank (a sharded parameter: its local shard)."""
+    total = 0
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        total += 0 if local.is_meta else local.numel() * local.element_size()
+    return total
+
+
+def main() -> None:
+    values, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+    env = init_distributed()
+    report: dict = {}
+    load = loop.load_base_model
+
+    def load_and_record(*args, **kwargs):
+        model = load(*args, **kwargs)
+        report["built_all_meta"] = all(p.is_meta for p in model.parameters())
+        report["built_bytes"] = real_bytes(model)
+        return model
+
+    loop.load_base_model = load_and_record  # the trainer's own loading, observed
+    trainer = loop.Trainer(build_config(values)[0], env)
+    tensors = [*trainer.model.named_parameters(), *trainer.model.named_buffers()]
+    report["meta_after"] = [name for name, tensor in tensors if tensor.is_meta]
+    report["shard_bytes"] = real_bytes(trainer.model)
+    report["losses"] = trainer.run().step_losses
+    (out / f"rank-{env.rank}.json").write_text(json.dumps(report))
+    del trainer
+    shutdown(env)
+
+
+if __name__ == "__main__":
+    main()
