@@ -145,9 +145,10 @@ def float32_probe(model: torch.nn.Module, layers: int = 2) -> torch.nn.Module:
         config.layer_types = config.layer_types[:config.num_hidden_layers]
     config.quantization_config = None
     torch.manual_seed(0)  # (the caller's RNG state is restored below: training must not depend on this probe)
-    # The class already loaded (no code is fetched or trusted anew).
-    return type(inner)._from_config(config, dtype=torch.float32,
-                                    attn_implementation=config._attn_implementation).eval()
+    # The class already loaded (no code is fetched or trusted anew). flash_attention_2 runs only in half precision:
+    # its miniature is bf16, so its check keeps bf16 noise (untested here: no GPU; it may turn packing off).
+    dtype = torch.bfloat16 if config._attn_implementation == "flash_attention_2" else torch.float32
+    return type(inner)._from_config(config, dtype=dtype, attn_implementation=config._attn_implementation).eval()
 
 
 def build_runner(model: torch.nn.Module, padding_mode: str, per_task, pad_id: int, device: torch.device,
