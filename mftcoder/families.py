@@ -144,11 +144,12 @@ def float32_probe(model: torch.nn.Module, layers: int = 2) -> torch.nn.Module:
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:config.num_hidden_layers]
     config.quantization_config = None
-    torch.manual_seed(0)  # (the caller's RNG state is restored below: training must not depend on this probe)
     # The class already loaded (no code is fetched or trusted anew). flash_attention_2 runs only in half precision:
     # its miniature is bf16, so its check keeps bf16 noise (untested here: no GPU; it may turn packing off).
     dtype = torch.bfloat16 if config._attn_implementation == "flash_attention_2" else torch.float32
-    return type(inner)._from_config(config, dtype=dtype, attn_implementation=config._attn_implementation).eval()
+    with torch.random.fork_rng(devices=[]):  # its random init leaves the run's RNG (dropout, order) untouched
+        torch.manual_seed(0)
+        return type(inner)._from_config(config, dtype=dtype, attn_implementation=config._attn_implementation).eval()
 
 
 def build_runner(model: torch.nn.Module, padding_mode: str, per_task, pad_id: int, device: torch.device,
@@ -160,8 +161,9 @@ def build_runner(model: torch.nn.Module, padding_mode: str, per_task, pad_id: in
 
     check_attention_device(model, device)
     samples = probe_samples(per_task)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        probe = float32_probe(model).to(device)
+    probe = float32_probe(model)
+    if probe is not model:
+        probe = probe.to(device)
     transforms = logit_transforms(model.config)
     fused = family(model.config.model_type).fused_head and not transforms
     if fused:

@@ -216,4 +216,4 @@ def test_start_up_checks_of_a_bf16_model_run_on_a_float32_miniature():
     cpu = torch.device("cpu")
     assert packing_difference(SupervisedLM(probe), samples, 0, cpu) < 1e-5
     assert packing_difference(SupervisedLM(model), samples, 0, cpu) > 1e-4  # bf16 noise alone, no leak
-    torch.set_rng_state(rng_before)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # building the probe did not move the run's RNG
