@@ -105,8 +105,7 @@ def worker_hf(spec: dict) -> dict:
     trainer = tp.counting(Trainer)(model=model, args=args, train_dataset=tp.ListDataset(items),
                                    data_collator=tp.PaddingCollator(tokenizer.pad_token_id), callbacks=[timer])
     trainer.train()
-    return {"train_seconds": timer.seconds, "tokens": trainer.counted_tokens, "supervised": trainer.counted_supervised,
-            "steps": trainer.counted_batches, "mean_loss": sum(trainer.losses) / max(1, len(trainer.losses))}
+    return tp.trainer_result(trainer, timer)
 
 
 def worker_trl(spec: dict) -> dict:
@@ -131,9 +130,7 @@ def worker_trl(spec: dict) -> dict:
     if supervised != tp.expected_counts(samples)["supervised"]:
         raise AssertionError(f"TRL prepared {supervised} supervised tokens, expected another count")
     trainer.train()
-    return {"train_seconds": timer.seconds, "tokens": trainer.counted_tokens, "supervised": trainer.counted_supervised,
-            "steps": trainer.counted_batches, "mean_loss": sum(trainer.losses) / max(1, len(trainer.losses)),
-            "note": f"labels = our mask on all {matched} samples"}
+    return {**tp.trainer_result(trainer, timer), "note": f"labels = our mask on all {matched} samples"}
 
 
 def worker_peak(spec: dict) -> dict:

@@ -198,6 +198,13 @@ def counting(trainer_cls):
     return Counting
 
 
+def trainer_result(trainer, timer) -> dict:
+    """A counting HF/TRL trainer's measurements after train(): the training window, token counts and losses."""
+    return {"train_seconds": timer.seconds, "tokens": trainer.counted_tokens, "supervised": trainer.counted_supervised,
+            "steps": trainer.counted_batches, "mean_loss": sum(trainer.losses) / max(1, len(trainer.losses)),
+            "last_loss": trainer.losses[-1] if trainer.losses else float("nan")}
+
+
 class PaddingCollator:
     """Pad to the longest sample of the batch; labels = ids on bot tokens + EOS, -100 elsewhere (and on pad)."""
 
@@ -259,9 +266,7 @@ def worker_hf(spec: dict) -> dict:
     trainer = counting(Trainer)(model=model, args=args, train_dataset=ListDataset(items),
                                 data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[timer])
     trainer.train()
-    return {"train_seconds": timer.seconds, "tokens": trainer.counted_tokens, "supervised": trainer.counted_supervised,
-            "steps": trainer.counted_batches, "mean_loss": sum(trainer.losses) / max(1, len(trainer.losses)),
-            "last_loss": trainer.losses[-1] if trainer.losses else float("nan")}
+    return trainer_result(trainer, timer)
 
 
 def check_trl_labels(dataset, samples) -> tuple[int, int]:
@@ -339,9 +344,7 @@ def worker_trl(spec: dict) -> dict:
                              f"{expected['samples']} / {expected['supervised']}")
     loss_gap = check_trl_loss(trainer, model)
     trainer.train()
-    return {"train_seconds": timer.seconds, "tokens": trainer.counted_tokens, "supervised": trainer.counted_supervised,
-            "steps": trainer.counted_batches, "mean_loss": sum(trainer.losses) / max(1, len(trainer.losses)),
-            "last_loss": trainer.losses[-1] if trainer.losses else float("nan"),
+    return {**trainer_result(trainer, timer),
             "note": f"labels = our mask on all {matched} samples; loss = masked CE (|diff| {loss_gap:.1e})"}
 
 
