@@ -41,6 +41,10 @@ MALFORMED = [
     (json.dumps({"prompt": "q", "answer": ""}), "'answer' is empty"),
     ("", "empty line"),
     (b'{"chat_rounds": "\xff\xfe"}', "not valid UTF-8"),
+    ('{"prompt": "a\\ud800b", "answer": "x"}', "prompt: lone surrogate \\ud800 at character 1"),
+    ('{"chat_rounds": [{"role": "human", "content": "q"}, {"role": "bot", "content": "\\udfff"}]}',
+     "chat_rounds[1].content: lone surrogate \\udfff at character 0"),
+    ('{"prompt": "unterminated', "invalid JSON: Unterminated string starting at column 12"),
 ]
 
 

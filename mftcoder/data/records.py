@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -77,12 +78,36 @@ def parse_json_object(text: str) -> dict:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BadRecord(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+        where = f"column {exc.colno}" if exc.msg.endswith(" at") else f"at column {exc.colno}"
+        raise BadRecord(f"invalid JSON: {exc.msg} {where}") from None
     except RecursionError:
         raise BadRecord("invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    if _SURROGATE_ESCAPE.search(text):
+        _check_unicode(obj, "")
     return obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON may spell lone UTF-16 halves, UTF-8 cannot hold them
+
+
+def _check_unicode(value: object, where: str) -> None:
+    """BadRecord for a string holding a lone surrogate (a "\\ud800" escape without its low half)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadRecord(f"{where or 'a string'}: lone surrogate \\u{ord(value[exc.start]):04x} at character "
+                            f"{exc.start} (half of a UTF-16 pair; not valid Unicode text)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key.encode('utf-8', 'backslashreplace').decode()}".lstrip(".")
+            _check_unicode(key, f"{path} (key)")
+            _check_unicode(item, path)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{where}[{i}]")
 
 
 def parse_record(text: str) -> tuple[Turn, ...]:
