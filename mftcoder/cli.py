@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -54,12 +55,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "-m", "mftcoder",
                    "train", args.config, *args.overrides]
         return subprocess.run(command).returncode
+    from mftcoder.train.checkpoint import CheckpointError
     from mftcoder.train.loop import TrainingError, train
 
     config = _load(args)
     try:
         result = train(config)
-    except TrainingError as exc:
+    except (TrainingError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if _is_main_process():
@@ -169,3 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRORS:
+            raise
+        print(f"error: {exc.filename or 'writing'}: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}  # the machine's problem: no traceback

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -35,9 +36,41 @@ class ConfigError(ValueError):
     """A config problem a user can fix; the message names the key."""
 
 
-def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, section: str = "train") -> Any:
-    """A config field with help text (and optional allowed values) stored as metadata."""
-    meta = {"help": help, "choices": choices, "section": section}
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: finite numbers from `low` to `high` (each bound inclusive unless open),
+    plus `special` values that mean something else (e.g. max_steps -1: all epochs). null stays null."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    special: dict[float, str] = field(default_factory=dict)
+
+    def __contains__(self, value: float) -> bool:
+        if value in self.special:
+            return True
+        if not math.isfinite(value):
+            return False
+        above_low = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below_high = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above_low and below_high
+
+    def __str__(self) -> str:
+        low = None if self.low is None else f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {self.high:g}"
+        text = " and ".join(part for part in (low, high) if part) or "a finite number"
+        return text + "".join(f", or {value:g} ({meaning})" for value, meaning in self.special.items())
+
+
+POSITIVE_INT = Range(1)
+NON_NEGATIVE = Range(0)
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, section: str = "train",
+        valid: Range | None = None) -> Any:
+    """A config field with help text, allowed values (`choices`) or a numeric range (`valid`) as metadata."""
+    meta = {"help": help, "choices": choices, "section": section, "range": valid}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,16 +85,16 @@ class Config:
     tasks: dict[str, str] = opt({}, "Explicit task map {name: folder}, instead of or besides data_paths.", section="data")
     data_split: str = opt("95,5,0", "Per-task train,valid,test proportions (normalized), e.g. '95,5,0'.", section="data")
     shuffle_before_split: bool = opt(True, "Shuffle each task (from seed) before splitting; else split in file order.", section="data")
-    data_weights: list[float] | dict[str, float] = opt([], "Per-task sampling weights per epoch (1 = each sample once, 2 = twice, 0.5 = a random half). List in task order or {task: w}.", section="data")
+    data_weights: list[float] | dict[str, float] = opt([], "Per-task sampling weights per epoch (1 = each sample once, 2 = twice, 0.5 = a random half). List in task order or {task: w}.", section="data", valid=NON_NEGATIVE)
     on_bad_record: str = opt("error", "Bad JSONL records: 'error' reports all and stops; 'skip' skips and counts them.", ("error", "skip"), section="data")
     over_length: str = opt("truncate", "Samples longer than seq_length: 'truncate' them or 'drop' them (counted either way).", ("truncate", "drop"), section="data")
-    seq_length: int = opt(2048, "Maximum tokens per sample (the model's input length).", section="data")
+    seq_length: int = opt(2048, "Maximum tokens per sample (the model's input length).", section="data", valid=Range(2))
     chat_template: str = opt("mftcoder", "Template: a preset ('mftcoder', the reference's <|role_start|>role<|role_end|>; 'codefuse', <s>human\\n; 'chatml') or 'model' (the chat template the tokenizer carries).", ("mftcoder", "codefuse", "chatml", "model"), section="data")
     chat_markers: dict[str, str] = opt({}, "Override template markers: keys system, human, bot (turn prefixes), system_end, human_end, bot_end (text after the bot's EOS).", section="data")
     tokenizer_path: str | None = opt(None, "Tokenizer directory (default: pretrained_model_path, else the shipped GPT-NeoX-20B tokenizer). Alias: vocab_file.", section="data")
     data_cache_dir: str | None = opt(None, "Where tokenized data is cached (default $MFTCODER_CACHE or ~/.cache/mftcoder).", section="data")
     overwrite_cache: bool = opt(False, "Tokenize again even when a matching cache exists.", section="data")
-    preprocessing_num_workers: int | None = opt(None, "Processes for tokenization (default: CPU count, used only for large data).", section="data")
+    preprocessing_num_workers: int | None = opt(None, "Processes for tokenization (default: CPU count, used only for large data).", section="data", valid=POSITIVE_INT)
     load_raw_dataset: bool = opt(True, "Reference placeholder: raw JSONL is the only input; must be true.", section="data")
     tokenize_mode: str = opt("sft", "Reference placeholder: only 'sft' (chat samples with a bot-turn loss mask).", ("sft",), section="data")
 
@@ -71,62 +104,62 @@ class Config:
     model_type: str = opt("auto", "Model family for per-family defaults ('auto' reads it from the model config; the reference's value is 'gpt_neox').", section="model")
     trust_remote_code: bool = opt(False, "Allow model code from the model directory to run. Off unless you ask.", section="model")
     peft_type: str | None = opt(None, "Parameter-efficient method: null (full fine-tuning) or 'lora'.", (None, "lora"), section="model")
-    lora_rank: int = opt(8, "LoRA rank r.", section="model")
-    lora_alpha: float = opt(16.0, "LoRA scaling alpha.", section="model")
-    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", section="model")
+    lora_rank: int = opt(8, "LoRA rank r.", section="model", valid=POSITIVE_INT)
+    lora_alpha: float = opt(16.0, "LoRA scaling alpha.", section="model", valid=Range(0, low_open=True))
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", section="model", valid=Range(0, 1, high_open=True))
     target_modules: list[str] = opt([], "Modules LoRA wraps (default: the family's table, else 'all-linear').", section="model")
     checkpoint_activations: bool = opt(False, "Gradient checkpointing: keep only each decoder layer's input and recompute the rest in backward (much less memory, about a third more compute).", section="model")
-    max_forward_tokens: int | None = opt(None, "Run each micro-batch in forward/backward passes of at most this many tokens (whole rows; exact: the loss is normalized over the optimizer step). Activation memory is proportional to it. null: 1024 on CPU (where smaller passes cost no speed), no limit on GPU; 0: no limit.", section="model")
+    max_forward_tokens: int | None = opt(None, "Run each micro-batch in forward/backward passes of at most this many tokens (whole rows; exact: the loss is normalized over the optimizer step). Activation memory is proportional to it. null: 1024 on CPU (where smaller passes cost no speed), no limit on GPU; 0: no limit.", section="model", valid=NON_NEGATIVE)
     attn_implementation: str = opt("auto", "Attention kernel: 'auto' (the family's choice: sdpa, or eager where the model needs it), 'sdpa', 'eager', 'flex_attention', 'flash_attention_2' (where installed). Packed samples stay isolated in each.", ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2"), section="model")
     torch_dtype: str = opt("auto", "Weights dtype. 'auto': float32 on CPU (bf16 is far slower there); on GPU the frozen base of LoRA/QLoRA in bfloat16, full fine-tuning in float32 master weights with bf16 compute (autocast / FSDP mixed precision). 'bfloat16' halves weight memory anywhere; LoRA adapters stay float32; full fine-tuning then has no float32 master weights, so updates below ~1/256 of a weight round away (a note says so).", ("auto", "float32", "bfloat16"), section="model")
     save_dtype: str = opt("auto", "dtype of saved full-model weights (full checkpoints, the random base of a LoRA run): 'auto' (the base model's own, as its config.json states; float32 for a random-init model), 'float32', 'bfloat16', 'float16'. Only the saved copy is cast. Where it is narrower than the training weights, the checkpoint also keeps those exactly (resume/weights), so resume stays exact. LoRA adapters are saved as trained (float32).", ("auto", "float32", "bfloat16", "float16"), section="model")
     quantization: str | None = opt(None, "QLoRA: load the frozen base quantized with bitsandbytes, 'nf4' (4-bit) or 'int8'; needs peft_type: lora.", (None, "nf4", "int8"), section="model")
     bf16: bool | None = opt(None, "bf16 autocast: null = on when a GPU supports it, off on CPU.", section="model")
     fp16: bool = opt(False, "fp16 is not supported (use bf16); only false is accepted.", section="model")
-    tp: int = opt(1, "Tensor-parallel size; only 1 is supported (as in the reference).", section="model")
+    tp: int = opt(1, "Tensor-parallel size; only 1 is supported (as in the reference).", section="model", valid=Range(1, 1))
     distributed_strategy: str = opt("ddp", "Under torchrun: 'ddp' (replicas) or 'fsdp' (FSDP2: parameters, gradients and optimizer state sharded per decoder layer).", ("ddp", "fsdp"), section="model")
-    dp: int | None = opt(None, "Data-parallel size (the reference's launchers pass it); must equal the number of processes.", section="model")
+    dp: int | None = opt(None, "Data-parallel size (the reference's launchers pass it); must equal the number of processes.", section="model", valid=POSITIVE_INT)
 
     # --- optimisation -------------------------------------------------------------------------
-    num_train_epochs: int = opt(1, "Epochs over the training split.")
-    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run all epochs).")
-    per_device_train_batch_size: int | None = opt(None, "Samples (rows when packing) per micro-batch on each process (null: 8, or total_train_batch_size / processes).")
-    total_train_batch_size: int | None = opt(None, "Samples per micro-batch over all processes (the reference's key): per_device_train_batch_size = total / processes.")
-    per_device_valid_batch_size: int = opt(8, "Samples per evaluation batch on each process.")
-    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
-    learning_rate: float = opt(1e-5, "Peak learning rate (1e-5 full fine-tuning, 1e-4..2e-4 LoRA).")
-    min_lr: float = opt(0.0, "Floor of the cosine schedule (usually learning_rate / 10).")
-    weight_decay: float = opt(0.0, "AdamW weight decay (never applied to biases and norms).")
-    adam_beta1: float = opt(0.9, "AdamW beta1.")
-    adam_beta2: float = opt(0.999, "AdamW beta2.")
-    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    num_train_epochs: int = opt(1, "Epochs over the training split.", valid=POSITIVE_INT)
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run all epochs).", valid=Range(1, special={-1: "all epochs"}))
+    per_device_train_batch_size: int | None = opt(None, "Samples (rows when packing) per micro-batch on each process (null: 8, or total_train_batch_size / processes).", valid=POSITIVE_INT)
+    total_train_batch_size: int | None = opt(None, "Samples per micro-batch over all processes (the reference's key): per_device_train_batch_size = total / processes.", valid=POSITIVE_INT)
+    per_device_valid_batch_size: int = opt(8, "Samples per evaluation batch on each process.", valid=POSITIVE_INT)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", valid=POSITIVE_INT)
+    learning_rate: float = opt(1e-5, "Peak learning rate (1e-5 full fine-tuning, 1e-4..2e-4 LoRA).", valid=Range(0, low_open=True))
+    min_lr: float = opt(0.0, "Floor of the cosine schedule (usually learning_rate / 10).", valid=NON_NEGATIVE)
+    weight_decay: float = opt(0.0, "AdamW weight decay (never applied to biases and norms).", valid=NON_NEGATIVE)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", valid=Range(0, 1, high_open=True))
+    adam_beta2: float = opt(0.999, "AdamW beta2.", valid=Range(0, 1, high_open=True))
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", valid=Range(0, low_open=True))
     lr_scheduler_type: str = opt("cosine", "Schedule after warmup: cosine (to min_lr), linear (to 0), constant. Alias: custom_lr_scheduler_type.", ("cosine", "linear", "constant", "constant_with_warmup"))
-    num_warmup_steps: int = opt(0, "Linear warmup steps.")
-    max_grad_norm: float | None = opt(1.0, "Clip gradients to this global norm (null or 0: no clipping).")
+    num_warmup_steps: int = opt(0, "Linear warmup steps.", valid=NON_NEGATIVE)
+    max_grad_norm: float | None = opt(1.0, "Clip gradients to this global norm (null or 0: no clipping).", valid=NON_NEGATIVE)
     weighted_loss_mode: str = opt("case3", "Multi-task loss: case1 token mean, case2 sample mean, case3 per-task token mean, case4 per-task sample mean.", ("case1", "case2", "case3", "case4"))
-    task_weights: list[float] | dict[str, float] = opt([], "Per-task loss weights for case3/case4 (list in task order or {task: w}).")
-    max_nonfinite_steps: int = opt(3, "Stop with an error after this many NaN/inf losses in a row (each skips its update).")
+    task_weights: list[float] | dict[str, float] = opt([], "Per-task loss weights for case3/case4 (list in task order or {task: w}).", valid=NON_NEGATIVE)
+    max_nonfinite_steps: int = opt(3, "Stop with an error after this many NaN/inf losses in a row (each skips its update).", valid=POSITIVE_INT)
     padding_mode: str = opt("auto", "Batch shape: 'pack' fills rows of seq_length with whole samples (isolated from each other; per_device_train_batch_size counts rows); 'dynamic' pads to the longest sample of a length-grouped batch; 'padding' pads every sample to seq_length (the reference); 'auto' packs when a start-up check shows the model keeps packed samples apart, else dynamic.", ("auto", "pack", "dynamic", "padding"))
-    num_workers: int = opt(0, "DataLoader worker processes.")
-    seed: int = opt(42, "Seed for splits, sampling order, initialisation and dropout.")
+    num_workers: int = opt(0, "DataLoader worker processes.", valid=NON_NEGATIVE)
+    seed: int = opt(42, "Seed for splits, sampling order, initialisation and dropout.", valid=Range(0, 2**63 - 1))
     train_mode: str = opt("sft", "Reference placeholder: only 'sft'.", ("sft",))
-    train_iters: int | None = opt(None, "Reference placeholder: accepted and ignored (it never set the number of steps there either).")
+    train_iters: int | None = opt(None, "Reference placeholder: accepted and ignored (it never set the number of steps there either).", valid=Range())
 
     # --- evaluation, checkpoints, logs ----------------------------------------------------------
     evaluation_strategy: str = opt("steps", "When to evaluate: 'steps', 'epoch', 'steps,epoch' or 'no'.", ("steps", "epoch", "steps,epoch", "no"), section="eval")
-    evaluation_steps: int = opt(100, "Optimizer steps between evaluations. Aliases: evalation_steps, valid_interval.", section="eval")
-    valid_iters: int | None = opt(None, "Cap on evaluation batches per evaluation (null: the whole validation split).", section="eval")
+    evaluation_steps: int = opt(100, "Optimizer steps between evaluations. Aliases: evalation_steps, valid_interval.", section="eval", valid=POSITIVE_INT)
+    valid_iters: int | None = opt(None, "Cap on evaluation batches per evaluation (null: the whole validation split).", section="eval", valid=POSITIVE_INT)
     metric_for_best_model: str = opt("loss", "Validation metric that ranks checkpoints: 'loss' or 'loss/<task>'.", section="eval")
     greater_is_better: bool = opt(False, "Whether a larger metric is better.", section="eval")
-    early_stopping_patience: int = opt(-1, "Stop after this many evaluations without improvement (-1: never).", section="eval")
-    output_dir: str | None = opt(None, "Checkpoints, metrics and logs go here.", section="eval")
+    early_stopping_patience: int = opt(-1, "Stop after this many evaluations without improvement (-1: never).", section="eval", valid=Range(1, special={-1: "never"}))
+    output_dir: str | None = opt(None, "Checkpoints, metrics and logs go here (null: ./outputs of the folder the command runs in). One run at a time: a second run on a folder a live run holds is refused.", section="eval")
     tensorboard_dir: str | None = opt(None, "TensorBoard event files (default output_dir/runs).", section="eval")
     save_strategy: str = opt("steps", "When to save: 'steps' (every checkpointing_steps), 'epoch', 'steps,epoch'.", ("steps", "epoch", "steps,epoch"), section="eval")
-    checkpointing_steps: int = opt(500, "Optimizer steps between checkpoints.", section="eval")
+    checkpointing_steps: int = opt(500, "Optimizer steps between checkpoints.", section="eval", valid=POSITIVE_INT)
     extra_save_by_epoch: bool = opt(False, "Also save checkpoint-epoch-{k} at each epoch end (always kept).", section="eval")
-    save_total_limit: int | None = opt(None, "Keep at most this many step checkpoints: the best and the newest first.", section="eval")
+    save_total_limit: int | None = opt(None, "Keep at most this many step checkpoints: the best and the newest first.", section="eval", valid=POSITIVE_INT)
     resume_from_checkpoint: str | None = opt(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint path.", section="eval")
-    log_interval: int = opt(10, "Optimizer steps between log lines.", section="eval")
+    log_interval: int = opt(10, "Optimizer steps between log lines.", section="eval", valid=POSITIVE_INT)
     evaluate_before_training: bool = opt(True, "Evaluate once before the first step (logged as step 0; the baseline).", section="eval")
 
 
@@ -157,9 +190,11 @@ def _closest(name: str) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _parse_list_string(text: str) -> list[str]:
+def _parse_list_string(key: str, text: str) -> list[str]:
     """'[a, b]', 'a,b' or '["a","b"]' -> ['a', 'b'] (the reference passes data_paths as a string)."""
     text = text.strip()
+    if text.startswith("[") != text.endswith("]"):
+        raise ConfigError(f"{key}: malformed list {text!r} (unbalanced brackets); write '[a,b]' or 'a,b'")
     if text.startswith("[") and text.endswith("]"):
         try:
             parsed = json.loads(text)
@@ -226,7 +261,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = _parse_list_string(value)
+            value = _parse_list_string(key, value)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
@@ -289,6 +324,8 @@ def build_config(values: dict[str, Any]) -> tuple[Config, list[str]]:
     kwargs: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = _canonical_key(str(raw_key))
+        if key == "output_dir" and isinstance(value, str) and not value.strip():
+            raise ConfigError("output_dir: empty; name a folder (or leave the key out for ./outputs)")
         kwargs[key] = _coerce(key, value, hints[key])
     config = Config(**kwargs)
     notices = validate(config, given=set(kwargs))
@@ -339,6 +376,17 @@ def split_fractions(text: str) -> tuple[float, float, float]:
     return (numbers[0] / total, numbers[1] / total, numbers[2] / total)
 
 
+def check_range(name: str, value: Any, valid: Range | None) -> None:
+    """ConfigError unless a numeric value (or each weight of a list/mapping) lies in its range; null passes."""
+    if value is None or valid is None or isinstance(value, (str, bool)):
+        return
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+    for key, item in items:
+        if item not in valid:
+            where = name if key is None else f"{name}[{key}]" if isinstance(key, int) else f"{name}.{key}"
+            raise ConfigError(f"{where}: {item!r} is out of range; expected {valid}")
+
+
 def validate(config: Config, given: set[str]) -> list[str]:
     """Check values and combinations; return notices for placeholder arguments that were given."""
     for name, f in fields().items():
@@ -348,50 +396,32 @@ def validate(config: Config, given: set[str]) -> list[str]:
             match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f"; did you mean '{match[0]}'?" if match else ""
             raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
-    positive = ("seq_length", "per_device_train_batch_size", "total_train_batch_size", "per_device_valid_batch_size",
-                "gradient_accumulation_steps", "evaluation_steps", "checkpointing_steps", "log_interval",
-                "num_train_epochs", "lora_rank")
-    for name in positive:
-        if getattr(config, name) is not None and getattr(config, name) <= 0:
-            raise ConfigError(f"{name}: must be positive, got {getattr(config, name)}")
-    if config.max_nonfinite_steps < 1:
-        raise ConfigError(f"max_nonfinite_steps: must be at least 1, got {config.max_nonfinite_steps}")
-    for name in ("num_warmup_steps", "weight_decay", "min_lr", "num_workers"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"{name}: must not be negative, got {getattr(config, name)}")
-    if config.learning_rate <= 0:
-        raise ConfigError(f"learning_rate: must be positive, got {config.learning_rate}")
+    if config.tp != 1:
+        raise ConfigError(f"tp: tensor parallelism is not supported (as in the reference, only tp=1), got {config.tp}")
+    for name, f in fields().items():
+        check_range(name, getattr(config, name), f.metadata["range"])
     if config.min_lr > config.learning_rate:
         raise ConfigError(f"min_lr ({config.min_lr}) is above learning_rate ({config.learning_rate})")
-    if not 0 <= config.lora_dropout < 1:
-        raise ConfigError(f"lora_dropout: must be in [0, 1), got {config.lora_dropout}")
-    if config.max_forward_tokens is not None and config.max_forward_tokens < 0:
-        raise ConfigError(f"max_forward_tokens: must be positive (or 0 for no limit), got {config.max_forward_tokens}")
     if config.quantization and config.peft_type != "lora":
         raise ConfigError(f"quantization: {config.quantization} trains LoRA adapters on a frozen quantized base; "
                           "set peft_type: lora")
     if config.quantization and config.distributed_strategy == "fsdp":
         raise ConfigError(f"quantization: {config.quantization} is not supported with distributed_strategy: fsdp "
                           "(sharding bitsandbytes weights); use distributed_strategy: ddp")
-    if config.save_total_limit is not None and config.save_total_limit < 1:
-        raise ConfigError("save_total_limit: must be at least 1 (or null for no limit)")
-    if config.valid_iters is not None and config.valid_iters < 1:
-        raise ConfigError("valid_iters: must be at least 1 (or null for the whole validation split)")
     split_fractions(config.data_split)
     if not config.load_raw_dataset:
         raise ConfigError("load_raw_dataset: only raw JSONL input is supported; set it to true (or leave it out)")
     if config.fp16:
         raise ConfigError("fp16: not supported (fp16 training needs loss scaling); use bf16: true on a GPU")
-    if config.tp != 1:
-        raise ConfigError(f"tp: tensor parallelism is not supported (as in the reference, only tp=1), got {config.tp}")
     if config.metric_for_best_model != "loss" and not config.metric_for_best_model.startswith("loss/"):
         raise ConfigError(f"metric_for_best_model: expected 'loss' or 'loss/<task>', got {config.metric_for_best_model!r}")
     if config.pretrained_model_path and config.model_config:
         raise ConfigError("give either pretrained_model_path (fine-tune a model) or model_config (random init), not both")
-    for name, weights in (("data_weights", config.data_weights), ("task_weights", config.task_weights)):
-        values = weights.values() if isinstance(weights, dict) else weights
-        if any(w < 0 for w in values):
-            raise ConfigError(f"{name}: weights must not be negative")
+    for name in ("data_weights", "task_weights"):
+        weights = getattr(config, name)
+        if weights and not any(weights.values() if isinstance(weights, dict) else weights):
+            what = "sampled" if name == "data_weights" else "learned"
+            raise ConfigError(f"{name}: every weight is 0, so no task would be {what}; give one a positive weight")
     notices = [PLACEHOLDER_NOTICES[k] for k in sorted(given) if k in PLACEHOLDER_NOTICES]
     if config.torch_dtype == "bfloat16" and not config.peft_type:
         notices.append("torch_dtype: bfloat16 with full fine-tuning keeps no float32 master weights: AdamW updates "
@@ -450,5 +480,6 @@ def describe(config: Config) -> str:
         rendered = yaml.safe_dump({name: getattr(config, name)}, default_flow_style=True, width=10_000).strip()
         if rendered.startswith("{") and rendered.endswith("}"):
             rendered = rendered[1:-1]
-        lines.append(f"{rendered:<60} # {f.metadata['help']}")
+        valid = f" (range: {f.metadata['range']})" if f.metadata["range"] else ""
+        lines.append(f"{rendered:<60} # {f.metadata['help']}{valid}")
     return "\n".join(lines).lstrip() + "\n"

@@ -58,7 +58,16 @@ def test_typo_names_the_closest_key(key, hint):
 @pytest.mark.parametrize("values, message", [
     ({"weighted_loss_mode": "case5"}, "weighted_loss_mode: 'case5' is not one of .*did you mean 'case4'"),
     ({"seq_length": "long"}, "seq_length: expected an integer, got 'long'"),
-    ({"seq_length": 0}, "seq_length: must be positive"),
+    ({"seq_length": 0}, "seq_length: 0 is out of range; expected at least 2"),
+    ({"max_grad_norm": -1}, r"max_grad_norm: -1.0 is out of range; expected at least 0"),
+    ({"max_steps": 0}, r"max_steps: 0 is out of range; expected at least 1, or -1 \(all epochs\)"),
+    ({"data_weights": [0, 0, 0]}, "data_weights: every weight is 0, so no task would be sampled"),
+    ({"data_weights": {"a": 0}}, "data_weights: every weight is 0"),
+    ({"task_weights": [1, -2]}, r"task_weights\[1\]: -2.0 is out of range; expected at least 0"),
+    ({"learning_rate": float("nan")}, "learning_rate: nan is out of range; expected above 0"),
+    ({"adam_beta2": 1.0}, "adam_beta2: 1.0 is out of range; expected at least 0 and below 1"),
+    ({"output_dir": ""}, "output_dir: empty; name a folder"),
+    ({"data_paths": "[a,b"}, r"data_paths: malformed list '\[a,b' \(unbalanced brackets\)"),
     ({"learning_rate": "fast"}, "learning_rate: expected a number"),
     ({"checkpoint_activations": "maybe"}, "checkpoint_activations: expected true or false"),
     ({"tp": 2}, "tp: tensor parallelism is not supported"),
@@ -73,6 +82,47 @@ def test_typo_names_the_closest_key(key, hint):
 def test_bad_values_name_the_key(values, message):
     with pytest.raises(ConfigError, match=message):
         build_config(values)
+
+
+def _numeric_fields() -> dict[str, tuple]:
+    """name -> (field, whether it holds integers) for every key whose type involves a number."""
+    import typing
+
+    from mftcoder.config import Config
+
+    hints = typing.get_type_hints(Config)
+
+    def kinds(tp) -> set:
+        return {tp} & {int, float} | {k for arg in typing.get_args(tp) for k in kinds(arg)}
+
+    return {name: (f, kinds(hints[name]) == {int}) for name, f in fields().items() if kinds(hints[name])}
+
+
+def test_every_numeric_key_has_a_range_that_is_enforced():
+    numeric = _numeric_fields()
+    assert len(numeric) == 34 and "max_grad_norm" in numeric and "data_weights" in numeric
+    defaults = build_config({})[0]
+    for name, (f, integer) in numeric.items():
+        valid, default = f.metadata["range"], getattr(defaults, name)
+        assert valid is not None, name
+        assert default in (None, [], {}) or default in valid, name  # every default is valid
+        step = 1 if integer else 0.5
+        outside = [valid.low if valid.low_open else valid.low - step] if valid.low is not None else []
+        outside += [valid.high if valid.high_open else valid.high + step] if valid.high is not None else []
+        outside += [] if integer else [float("inf"), float("nan")]
+        assert outside or name == "train_iters", name  # only the ignored placeholder takes any integer
+        for bad in outside:
+            if bad in valid.special:
+                continue
+            with pytest.raises(ConfigError, match=f"^{name}(\\[0\\])?: "):
+                build_config({name: [bad] if "list" in f.type else bad})
+
+
+def test_special_values_and_config_show_lists_ranges(capsys):
+    assert build_config({"max_steps": -1, "early_stopping_patience": -1, "max_grad_norm": 0})[0].max_grad_norm == 0
+    assert build_config({"max_grad_norm": None, "data_weights": [0, 1]})[0].data_weights == [0.0, 1.0]
+    assert main(["config", "show", "/dev/null"]) == 0
+    assert "(range: at least 1, or -1 (all epochs))" in capsys.readouterr().out
 
 
 def test_split_is_normalized():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -14,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from mftcoder.config import ConfigError
-from mftcoder.train.distributed import Parallelism
+from mftcoder.train.distributed import DistEnv, Parallelism
+from mftcoder.train.manifest import has_manifest, manifest_problems, write_manifest
 
 STATE_FILE = "trainer_state.json"
 RESUME_DIR = "resume"
@@ -37,6 +39,7 @@ class TrainerState:
     nonfinite_total: int = 0
     last_eval: dict | None = None  # {"step": int, "metric": float}
     checkpoint_metrics: dict[str, float] = field(default_factory=dict)  # checkpoint name -> its eval metric
+    metrics_bytes: int | None = None  # length of metrics.jsonl at save time: resume cuts what came after
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -51,8 +54,18 @@ def is_complete(path: Path) -> bool:
     return (STEP_NAME.match(path.name) or EPOCH_NAME.match(path.name)) is not None and (path / STATE_FILE).is_file()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the message says where and why."""
+
+
 def checkpoint_step(path: Path) -> int:
-    return TrainerState.from_json((path / STATE_FILE).read_text()).step
+    """The step a checkpoint was saved at (its name says so for step checkpoints; -1 if it cannot be told)."""
+    if match := STEP_NAME.match(path.name):
+        return int(match.group(1))
+    try:
+        return read_state(path).step
+    except (OSError, ValueError, TypeError):
+        return -1
 
 
 def find_latest(output_dir: Path) -> Path | None:
@@ -75,19 +88,24 @@ def save_checkpoint(output_dir: Path, name: str, model: torch.nn.Module, runner:
     is set aside first and removed only once its replacement is in place."""
     env = parallel.env
     final, tmp = output_dir / name, output_dir / f".{name}.tmp"
+    try:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / RESUME_DIR).mkdir(parents=True)
+        env.barrier()
+        full_state = parallel.full_model_state(runner)  # a collective under FSDP
+        if env.is_main:
+            save_model(model, tmp, full_state, save_dtype)
+            tokenizer.save_pretrained(tmp)
+        parallel.save_optimizer(runner, optimizer, tmp / RESUME_DIR)
+        write_resume_state(tmp / RESUME_DIR, env.rank, run_files if env.is_main else None)
+        env.barrier()
+        if env.is_main:
+            (tmp / STATE_FILE).write_text(state.to_json())
+            write_manifest(tmp)  # last: a checkpoint is trusted only as far as this records
+    except Exception as exc:
+        raise _save_failed(exc, name, output_dir, tmp) from exc
     if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / RESUME_DIR).mkdir(parents=True)
-    env.barrier()
-    full_state = parallel.full_model_state(runner)  # a collective under FSDP
-    if env.is_main:
-        save_model(model, tmp, full_state, save_dtype)
-        tokenizer.save_pretrained(tmp)
-    parallel.save_optimizer(runner, optimizer, tmp / RESUME_DIR)
-    write_resume_state(tmp / RESUME_DIR, env.rank, run_files if env.is_main else None)
-    env.barrier()
-    if env.is_main:
-        (tmp / STATE_FILE).write_text(state.to_json())
         old = output_dir / f".{name}.old"
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -96,6 +114,90 @@ def save_checkpoint(output_dir: Path, name: str, model: torch.nn.Module, runner:
         shutil.rmtree(old, ignore_errors=True)
     env.barrier()
     return final
+
+
+def _save_failed(exc: Exception, name: str, output_dir: Path, tmp: Path) -> Exception:
+    """Remove the partial checkpoint; a full disk becomes a CheckpointError that says so (torch's and
+    safetensors' writers report it in their own words, so a nearly empty disk is taken as the cause)."""
+    written = _folder_bytes(tmp) if tmp.is_dir() else 0
+    free = shutil.disk_usage(output_dir).free
+    shutil.rmtree(tmp, ignore_errors=True)
+    no_space = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not (no_space or free < _NEARLY_FULL):
+        return exc
+    previous = find_latest(output_dir)
+    size = (f"the previous checkpoint, {previous.name}, takes {_gib(_folder_bytes(previous))}" if previous else
+            f"{_gib(written)} were written before the disk filled")
+    return CheckpointError(f"disk full: saving {name} in {output_dir} failed with {_gib(free)} free; {size}. "
+                           "The partial checkpoint was removed and earlier ones are intact: free space (or lower "
+                           "save_total_limit) and resume with resume_from_checkpoint: auto")
+
+
+_NEARLY_FULL = 16 * 1024 * 1024
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**28 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """Why a checkpoint cannot be trusted for resume (empty: it can): files missing, truncated or altered against
+    its manifest; for one written before manifests existed, the files resume needs that are missing."""
+    if not path.is_dir():
+        return ["no such folder"]
+    if not (path / STATE_FILE).is_file() and not has_manifest(path):
+        return [f"not a checkpoint (no {STATE_FILE})"]
+    if has_manifest(path):
+        problems = manifest_problems(path)
+    else:
+        needed = [STATE_FILE, f"{RESUME_DIR}/config.json", f"{RESUME_DIR}/layout.json", f"{RESUME_DIR}/rng-0.pt"]
+        problems = [f"{name} is missing" for name in needed if not (path / name).is_file()]
+        if not ((path / RESUME_DIR / "optimizer.pt").is_file() or (path / RESUME_DIR / "optimizer").is_dir()):
+            problems.append(f"{RESUME_DIR}/optimizer.pt is missing")
+        if not any((path / f).is_file() for f in ("adapter_model.safetensors", "model.safetensors",
+                                                   "model.safetensors.index.json")):
+            problems.append("the model weights (model.safetensors or adapter_model.safetensors) are missing")
+    if not problems:
+        try:
+            read_state(path)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{STATE_FILE} cannot be read ({exc})")
+    return problems
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of resume's way (never delete it): checkpoint-8 -> checkpoint-8.corrupt."""
+    target, k = path.with_name(f"{path.name}.corrupt"), 2
+    while target.exists():
+        target, k = path.with_name(f"{path.name}.corrupt-{k}"), k + 1
+    os.rename(path, target)
+    return target
+
+
+def resume_checkpoint(target: str | None, output_dir: Path, env: DistEnv, warn) -> Path | None:
+    """The checkpoint to resume from, verified by the main process. 'auto': the newest one that verifies; a
+    damaged newer one is set aside with a warning. An explicit path must verify, else a ConfigError says why."""
+    if not target:
+        return None
+    if target != "auto":
+        path = Path(target)
+        if env.is_main and (problems := checkpoint_problems(path)):
+            raise ConfigError(f"resume_from_checkpoint: {path} cannot be resumed from: {'; '.join(problems[:3])}")
+        return path
+    if env.is_main:
+        while (latest := find_latest(output_dir)) is not None and (problems := checkpoint_problems(latest)):
+            moved = set_aside(latest)
+            warn(f"warning: checkpoint {latest} is damaged ({'; '.join(problems[:3])}); set aside as {moved.name}, "
+                 "falling back to the previous checkpoint")
+        if latest is not None and not has_manifest(latest):
+            warn(f"note: {latest} has no manifest (written by an older mftcoder): its files are present but were "
+                 "not checksummed")
+    env.barrier()  # the others look once the main process has set damaged checkpoints aside
+    return find_latest(output_dir)
 
 
 def save_model(model: torch.nn.Module, directory: Path, state: dict | None, dtype: torch.dtype | None) -> None:
@@ -198,6 +300,10 @@ def restore_training_state(checkpoint: Path, runner: torch.nn.Module, optimizer:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    return read_state(checkpoint)
+
+
+def read_state(checkpoint: Path) -> TrainerState:
     return TrainerState.from_json((checkpoint / STATE_FILE).read_text())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from mftcoder.model import load_base_model, load_tokenizer, parameter_groups, pr
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, shutdown
 from mftcoder.train.metrics import MetricsLogger
+from mftcoder.train.run_folder import RunFolder
 from mftcoder.train.schedule import learning_rate
 from mftcoder.train.sharded_load import RankZeroLoad
 
@@ -88,12 +90,17 @@ class Trainer:
     """Holds one run's parts; `run()` is the loop."""
 
     def __init__(self, config: Config, env: DistEnv):
-        config = resolve_for_world(config, env.world_size)
-        self.config = config
+        self.config = config = resolve_for_world(config, env.world_size)
         self.env = env
         self.output_dir = Path(config.output_dir or "outputs")
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise ConfigError(f"output_dir: {self.output_dir} exists and is not a folder")
+        self.folder = RunFolder.claim(self.output_dir, env.is_main)  # before any work: writable, and ours alone
+        try:
+            self._set_up(config, env)
+        except BaseException:
+            self.folder.release()
+            raise
+
+    def _set_up(self, config: Config, env: DistEnv) -> None:
         torch.manual_seed(config.seed)
         self.tokenizer, self.template = load_tokenizer(config)
         self.data: PreparedData = prepare_data(config, self.tokenizer, self.template)
@@ -137,10 +144,14 @@ class Trainer:
         epoch_lengths = [len(self._epoch_steps(e)) for e in range(config.num_train_epochs)]  # packing varies a little
         self.steps_per_epoch = epoch_lengths[0]
         total = sum(epoch_lengths)
+        if total == 0:
+            raise ConfigError(f"no training steps: the training split holds {sum(len(t.train) for t in self.data.per_task)}"
+                              f" sample(s) (data_split {config.data_split!r}, data_weights {config.data_weights})")
         self.total_steps = min(total, config.max_steps) if config.max_steps > 0 else total
         self.state = ckpt.TrainerState()
         tb_dir = Path(config.tensorboard_dir) if config.tensorboard_dir else self.output_dir / "runs"
-        self.logger = MetricsLogger(self.output_dir, tb_dir, enabled=env.is_main)
+        resumed = ckpt.read_state(self.resume_from) if self.resume_from else None
+        self.logger = MetricsLogger(self.output_dir, tb_dir, enabled=env.is_main, resumed=resumed)
         self.result = RunResult(self.output_dir, self.output_dir, self.state)
         self.interval = Interval(TaskTotals.zeros(self.num_tasks))
 
@@ -165,17 +176,14 @@ class Trainer:
         return optimizer_steps(batches, config.gradient_accumulation_steps)
 
     def _resume_checkpoint(self) -> Path | None:
-        """The checkpoint to resume from (resume_from_checkpoint: 'auto' = newest complete one), checked."""
+        """The checkpoint to resume from (resume_from_checkpoint: 'auto' = newest one that verifies), checked."""
+        say = tqdm.write if self.env.is_main else (lambda _: None)
         target = self.config.resume_from_checkpoint
-        if not target:
-            return None
-        path = ckpt.find_latest(self.output_dir) if target == "auto" else Path(target)
+        path = ckpt.resume_checkpoint(target, self.output_dir, self.env, lambda text: tqdm.write(text, file=sys.stderr))
         if path is None:
-            if self.env.is_main:
-                tqdm.write(f"resume_from_checkpoint=auto: no checkpoint in {self.output_dir}; starting fresh")
+            if target == "auto":
+                say(f"resume_from_checkpoint=auto: no checkpoint in {self.output_dir}; starting fresh")
             return None
-        if not ckpt.is_complete(path):
-            raise ConfigError(f"resume_from_checkpoint: {path} is not a complete checkpoint")
         saved, current = ckpt.read_run_config(path), to_dict(self.config)
         for key in RESUME_MUST_MATCH:
             if key in saved and saved[key] != current[key]:
@@ -198,28 +206,32 @@ class Trainer:
         config, state = self.config, self.state
         if config.evaluate_before_training and state.step == 0 and "no" != config.evaluation_strategy:
             self.evaluate(record=False)
-        progress = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not self.env.is_main,
-                        dynamic_ncols=True)
-        early_stop = False
-        while not early_stop and state.epoch < config.num_train_epochs and state.step < self.total_steps:
-            steps = self._epoch_steps(state.epoch)
-            for batches in self._prefetch(steps[state.step_in_epoch:]):
-                loss = self.train_step(batches)
-                state.step += 1
-                state.step_in_epoch += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr(state.step - 1):.2e}")
-                if state.step % config.log_interval == 0 or state.step == self.total_steps:
-                    self.log_train()
-                early_stop = self.after_step()
-                if early_stop or state.step >= self.total_steps:
-                    break
-            if state.step_in_epoch == len(steps) and not early_stop:
-                early_stop = self.end_epoch()
-        progress.close()
+        with tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not self.env.is_main,
+                  dynamic_ncols=True) as progress:  # closed on an error too, so its message starts a line
+            early_stop = False
+            while not early_stop and state.epoch < config.num_train_epochs and state.step < self.total_steps:
+                steps = self._epoch_steps(state.epoch)
+                for batches in self._prefetch(steps[state.step_in_epoch:]):
+                    loss = self.train_step(batches)
+                    state.step += 1
+                    state.step_in_epoch += 1
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr(state.step - 1):.2e}")
+                    if state.step % config.log_interval == 0 or state.step == self.total_steps:
+                        self.log_train()
+                    early_stop = self.after_step()
+                    if early_stop or state.step >= self.total_steps:
+                        break
+                if state.step_in_epoch == len(steps) and not early_stop:
+                    early_stop = self.end_epoch()
         self.result.final_checkpoint = self.save(f"checkpoint-{state.step}", only_if_missing=True)
-        self.logger.close()
+        self.close()
         return self.result
+
+    def close(self) -> None:
+        """Close the logs and let go of output_dir (a later run may use it)."""
+        self.logger.close()
+        self.folder.release()
 
     def _prefetch(self, steps: list[list[np.ndarray]]):
         """Collated micro-batches grouped per optimizer step (DataLoader workers when num_workers > 0)."""
@@ -385,6 +397,7 @@ class Trainer:
             state.checkpoint_metrics[name] = state.last_eval["metric"]
             if state.last_eval["improved"]:
                 state.best_checkpoint = name
+        state.metrics_bytes = self.logger.position()
         ckpt.save_checkpoint(self.output_dir, name, self.model, self.runner, self.tokenizer, self.optimizer, state,
                              {"config.json": to_dict(self.config), "layout.json": self.layout}, self.parallel,
                              self.save_dtype)
@@ -418,8 +431,11 @@ def train(config: Config) -> RunResult:
     # On an error this rank leaves at once (no barrier: the others may be inside a collective); torchrun
     # then ends the other ranks, so a failure on one rank never hangs the job.
     trainer = Trainer(config, env)
-    trainer.resume()
-    result = trainer.run()
+    try:
+        trainer.resume()
+        result = trainer.run()
+    finally:
+        trainer.close()
     del trainer  # release DDP/FSDP before leaving the process group (an occasional abort at exit otherwise)
     shutdown(env)
     return result

@@ -25,7 +25,9 @@ def format_line(split: str, step: int, metrics: dict[str, float]) -> str:
 class MetricsLogger:
     """Writes every metric record to output_dir/metrics.jsonl and TensorBoard; prints a line for each."""
 
-    def __init__(self, output_dir: Path, tensorboard_dir: Path, enabled: bool = True):
+    def __init__(self, output_dir: Path, tensorboard_dir: Path, enabled: bool = True, resumed=None):
+        """`resumed`: the TrainerState of the checkpoint a run resumes from. What was logged after that checkpoint
+        was saved is cut (those steps run again), so the logs hold each step once, as an uninterrupted run's do."""
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -34,10 +36,18 @@ class MetricsLogger:
 
             output_dir.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
-            self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+            if resumed is not None and resumed.metrics_bytes is not None and self.jsonl.tell() > resumed.metrics_bytes:
+                self.jsonl.truncate(resumed.metrics_bytes)
+                self.jsonl.seek(0, 2)  # writes append; tell() should say so before the first one
+            purge = {"purge_step": resumed.step + 1} if resumed is not None else {}
+            self.writer = SummaryWriter(log_dir=str(tensorboard_dir), **purge)
+
+    def position(self) -> int | None:
+        """Bytes written to metrics.jsonl so far (None in processes that do not log)."""
+        return self.jsonl.tell() if self.jsonl is not None else None
 
     def log(self, split: str, step: int, metrics: dict[str, float], echo: bool = True) -> None:
-        if not self.enabled:
+        if self.jsonl is None:
             return
         record = {"split": split, "step": step, **{k: (None if isinstance(v, float) and math.isnan(v) else v)
                                                    for k, v in metrics.items()}}
@@ -51,6 +61,7 @@ class MetricsLogger:
             tqdm.write(format_line(split, step, metrics))
 
     def close(self) -> None:
-        if self.enabled:
+        if self.jsonl is not None:
             self.jsonl.close()
             self.writer.close()
+            self.jsonl = self.writer = None

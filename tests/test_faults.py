@@ -1,0 +1,218 @@
+"""Faults a run must survive with a one-line message and nothing lost: a full or read-only disk, a damaged
+checkpoint, a second run on the same folder, and logs after a resume."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import Killed, make_config, weights_of
+
+from mftcoder.cli import main
+from mftcoder.config import ConfigError
+from mftcoder.train import checkpoint as ckpt
+from mftcoder.train.distributed import DistEnv
+from mftcoder.train.loop import Trainer, train
+from mftcoder.train.manifest import MANIFEST
+from mftcoder.train.run_folder import RunFolder
+
+
+def cli_args(small_tasks, output_dir, **overrides) -> list[str]:
+    """`mftcoder train` arguments for make_config's settings (a tiny model, 6 steps, a checkpoint every 2)."""
+    config = make_config(small_tasks, output_dir, **overrides)
+    keys = {"data_paths", "data_cache_dir", "output_dir", *overrides}
+    keys |= {"model_config", "seq_length", "per_device_train_batch_size", "learning_rate", "max_steps",
+             "evaluation_steps", "checkpointing_steps", "data_split", "num_warmup_steps", "evaluate_before_training",
+             "per_device_valid_batch_size"}
+    return ["train", "/dev/null", *(f"{k}={json.dumps(getattr(config, k))}" for k in sorted(keys))]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: int):
+    """A small RAM disk at `path` (needs root); the test is skipped where it cannot be mounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def remount(path: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_says_so_removes_the_partial_checkpoint_and_resume_stays_exact(small_tasks, tmp_path, capsys):
+    full = train(make_config(small_tasks, tmp_path / "full", max_steps=4))
+    one_checkpoint = folder_bytes(tmp_path / "full" / "checkpoint-2")
+    with tmpfs(tmp_path / "disk", int(one_checkpoint * 1.5)) as disk:
+        out = disk / "run"
+        assert main(cli_args(small_tasks, out, max_steps=4)) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        line = next(row for row in err.replace("\r", "\n").splitlines() if row.startswith("error: "))
+        assert line.startswith(f"error: disk full: saving checkpoint-4 in {out} failed with ")
+        assert f"the previous checkpoint, checkpoint-2, takes {one_checkpoint / 2**20:.1f} MiB" in line
+        assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]  # no .tmp left
+        assert ckpt.checkpoint_problems(out / "checkpoint-2") == []
+        remount(disk, f"size={one_checkpoint * 3}")  # space freed
+        resumed = train(make_config(small_tasks, out, max_steps=4, resume_from_checkpoint="auto"))
+        assert resumed.step_losses == full.step_losses[2:]
+        final, expected = weights_of(out / "checkpoint-4"), weights_of(full.final_checkpoint)
+        assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+
+
+def test_no_space_reported_by_the_os_is_a_disk_full_error(small_tasks, tmp_path, monkeypatch):
+    """Where no tmpfs can be mounted: ENOSPC as the OS raises it, from the second save."""
+    original, calls = ckpt.write_resume_state, []
+
+    def no_space_on_second_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[0] / "rng-0.pt"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "write_resume_state", no_space_on_second_save)
+    with pytest.raises(ckpt.CheckpointError, match=r"^disk full: saving checkpoint-4 in .* the previous checkpoint, "
+                                                   r"checkpoint-2, takes [0-9.]+ MiB\. The partial checkpoint was removed"):
+        train(make_config(small_tasks, tmp_path, max_steps=4))
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+
+
+def test_a_read_only_output_folder_is_refused_before_any_work(small_tasks, tmp_path, capsys):
+    with tmpfs(tmp_path / "disk", 1 << 20) as disk:
+        (disk / "run").mkdir()
+        remount(disk, "ro")
+        for out in (disk / "run", disk / "new" / "run"):  # an existing folder, and one to create
+            assert main(cli_args(small_tasks, out)) == 2
+            err = capsys.readouterr().err
+            assert err.strip() == f"error: output_dir: cannot write to {out}: Read-only file system"
+
+
+def test_a_second_run_on_a_held_folder_is_refused_and_a_killed_holder_leaves_no_lock(small_tasks, tmp_path, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mftcoder.train.run_folder import "
+         "RunFolder; held = RunFolder.claim(Path(sys.argv[1]), True); print('held', flush=True); time.sleep(120)",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(cli_args(small_tasks, tmp_path)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: output_dir: {tmp_path} is in use by another run (pid {holder.pid} on ")
+        assert err.endswith("; wait for it to end or choose another output_dir")
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    RunFolder.claim(tmp_path, True).release()  # the lock died with its process: nothing stale to clear
+
+
+def test_the_log_holds_each_step_once_after_a_resume(small_tasks, tmp_path, monkeypatch):
+    def rows(folder: Path) -> list[tuple]:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [(r["split"], r["step"], r["loss"]) for r in records]
+
+    train(make_config(small_tasks, tmp_path / "full", evaluate_before_training=True))
+    original = Trainer.after_step
+
+    def killed_after_step_5(self):
+        stop = original(self)
+        if self.state.step == 5:
+            raise Killed()  # steps 5 is logged and evaluated, checkpoint-4 is the newest
+        return stop
+
+    monkeypatch.setattr(Trainer, "after_step", killed_after_step_5)
+    with pytest.raises(Killed):
+        train(make_config(small_tasks, tmp_path / "run", evaluate_before_training=True))
+    monkeypatch.setattr(Trainer, "after_step", original)
+    assert ("train", 5) in [row[:2] for row in rows(tmp_path / "run")]
+    train(make_config(small_tasks, tmp_path / "run", evaluate_before_training=True, resume_from_checkpoint="auto"))
+    assert rows(tmp_path / "run") == rows(tmp_path / "full")  # each (split, step) once, with the same losses
+    assert len(rows(tmp_path / "full")) == 6 + 4  # 6 train rows; evaluations at steps 0, 2, 4, 6
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(small_tasks, tmp_path_factory):
+    """A finished 4-step run with checkpoint-2 and checkpoint-4, kept pristine (tests damage copies)."""
+    out = tmp_path_factory.mktemp("pristine")
+    result = train(make_config(small_tasks, out, max_steps=4))
+    return out, result
+
+
+def damaged_copy(two_checkpoints, tmp_path, damage) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints[0], out)
+    damage(out / "checkpoint-4")
+    return out
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def flip_a_byte(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+DAMAGE = {
+    "truncated weights": (lambda c: truncate(c / "model.safetensors"), "model.safetensors has {:,} bytes, the manifest says"),
+    "optimizer.pt missing": (lambda c: (c / "resume" / "optimizer.pt").unlink(), "resume/optimizer.pt is missing"),
+    "rng-0.pt missing": (lambda c: (c / "resume" / "rng-0.pt").unlink(), "resume/rng-0.pt is missing"),
+    "run config missing": (lambda c: (c / "resume" / "config.json").unlink(), "resume/config.json is missing"),
+    "a flipped byte": (lambda c: flip_a_byte(c / "resume" / "optimizer.pt"),
+                       "resume/optimizer.pt does not match its checksum"),
+    "no manifest and no rng": (lambda c: [(c / MANIFEST).unlink(), (c / "resume" / "rng-0.pt").unlink()],
+                               "resume/rng-0.pt is missing"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_checkpoint_is_named_with_what_is_wrong(two_checkpoints, small_tasks, tmp_path, kind):
+    damage, problem = DAMAGE[kind]
+    out = damaged_copy(two_checkpoints, tmp_path, damage)
+    if kind == "truncated weights":
+        problem = problem.format((out / "checkpoint-4" / "model.safetensors").stat().st_size)
+    problems = ckpt.checkpoint_problems(out / "checkpoint-4")
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
+    assert ckpt.checkpoint_problems(out / "checkpoint-2") == []
+    explicit = make_config(small_tasks, out, resume_from_checkpoint=str(out / "checkpoint-4"))
+    with pytest.raises(ConfigError) as error:
+        Trainer(explicit, DistEnv())
+    assert str(error.value) == f"resume_from_checkpoint: {out / 'checkpoint-4'} cannot be resumed from: {problems[0]}"
+
+
+def test_auto_resume_sets_a_damaged_checkpoint_aside_and_falls_back(two_checkpoints, small_tasks, tmp_path, capsys):
+    out = damaged_copy(two_checkpoints, tmp_path, lambda c: truncate(c / "model.safetensors"))
+    resumed = train(make_config(small_tasks, out, max_steps=4, resume_from_checkpoint="auto"))
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint {out / 'checkpoint-4'} is damaged (model.safetensors has " in err
+    assert "set aside as checkpoint-4.corrupt, falling back to the previous checkpoint" in err
+    assert (out / "checkpoint-4.corrupt" / "model.safetensors").is_file()  # kept for a post-mortem, never deleted
+    assert len(resumed.step_losses) == 2  # steps 3 and 4 again, from checkpoint-2
+    final, expected = weights_of(out / "checkpoint-4"), weights_of(two_checkpoints[1].final_checkpoint)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_an_explicit_path_that_is_no_checkpoint_is_one_line(small_tasks, tmp_path, capsys):
+    for target, reason in ((tmp_path / "nowhere", "no such folder"), (tmp_path, "not a checkpoint (no trainer_state.json)")):
+        assert main(cli_args(small_tasks, tmp_path / "out", resume_from_checkpoint=str(target))) == 2
+        assert capsys.readouterr().err.strip() == f"error: resume_from_checkpoint: {target} cannot be resumed from: {reason}"
