@@ -45,6 +45,13 @@ MALFORMED = [
     ('{"chat_rounds": [{"role": "human", "content": "q"}, {"role": "bot", "content": "\\udfff"}]}',
      "chat_rounds[1].content: lone surrogate \\udfff at character 0"),
     ('{"prompt": "unterminated', "invalid JSON: Unterminated string starting at column 12"),
+    # found by bench/fuzz_data.py: a traceback (int() refuses over 4300 digits), reasons over several lines or huge
+    ('{"prompt": "q", "answer": ' + "9" * 5000 + "}", "invalid JSON: Exceeds the limit (4300 digits) for integer"),
+    (json.dumps({"chat_rounds": [{"role": "hu\nman", "content": "x"}]}), "unknown role 'hu\\nman' (expected"),
+    (json.dumps({"chat_rounds": [{"role": "\x1b[31mbot", "content": "x"}]}), "unknown role '\\x1b[31mbot'"),
+    (json.dumps({"chat_rounds": [{"role": "r" * 5000, "content": "x"}]}),
+     "unknown role '" + "r" * 40 + "'... (5,000 characters) (expected system"),
+    ('{"a\\nb\\ud800": 1, "prompt": "q", "answer": "a"}', "['a\\nb\\ud800'] (key): lone surrogate \\ud800 at character 3"),
 ]
 
 
@@ -74,6 +81,19 @@ def test_each_malformed_line_is_reported_with_file_and_line(tmp_path, capsys, po
     assert f"{len(MALFORMED)} bad record(s)" in out
     table = next(row for row in out.splitlines() if row.startswith("t "))
     assert table.split()[1:4] == [str(len(lines)), str(len(MALFORMED)), str(len(MALFORMED) + 1)]  # lines, bad, kept
+
+
+def test_lone_surrogate_deep_inside_a_value_is_found_without_recursion():
+    """Python 3.13's JSON parser accepts deeper nesting than Python's recursion limit; the check must not recurse."""
+    from mftcoder.data.records import BadRecord, _check_unicode
+
+    value: object = "ok\ud800"
+    for _ in range(5000):
+        value = [value]
+    with pytest.raises(BadRecord) as caught:
+        _check_unicode({"prompt": "q", "x": value})
+    assert str(caught.value).startswith("x[0][0][0]") and len(str(caught.value)) < 200
+    assert str(caught.value).endswith(": lone surrogate \\ud800 at character 2 (half of a UTF-16 pair; not valid Unicode text)")
 
 
 @pytest.mark.parametrize("policy", ["error", "skip"])

@@ -13,6 +13,12 @@ ROLE_NAMES = {"system": "system", "human": "human", "bot": "bot", "user": "human
 MAX_RECORD_BYTES = 32 * 1024 * 1024
 
 
+def _shown(text: str, limit: int = 40) -> str:
+    """Text from the data as a one-line reason shows it: quoted, with newlines, control and invisible characters
+    escaped, cut after `limit` characters."""
+    return repr(text[:limit]) + (f"... ({len(text):,} characters)" if len(text) > limit else "")
+
+
 class DataError(Exception):
     """Data that cannot be used as given; the message says where and why."""
 
@@ -40,7 +46,7 @@ def _turn(index: int, item: object) -> Turn:
     if role not in ROLE_NAMES:
         match = difflib.get_close_matches(role, list(ROLE_NAMES), n=1)
         hint = f"; did you mean '{match[0]}'?" if match else ""
-        raise BadRecord(f"{where}: unknown role '{role}' (expected system, human, bot, user or assistant){hint}")
+        raise BadRecord(f"{where}: unknown role {_shown(role)} (expected system, human, bot, user or assistant){hint}")
     if not isinstance(content, str):
         raise BadRecord(f"{where}.content: expected a string, got {type(content).__name__}")
     if not content.strip():
@@ -82,32 +88,37 @@ def parse_json_object(text: str) -> dict:
         raise BadRecord(f"invalid JSON: {exc.msg} {where}") from None
     except RecursionError:
         raise BadRecord("invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # not a syntax error: an integer longer than Python converts (4300 digits by default)
+        raise BadRecord(f"invalid JSON: {str(exc).split(';')[0]}") from None
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
     if _SURROGATE_ESCAPE.search(text):
-        _check_unicode(obj, "")
+        _check_unicode(obj)
     return obj
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON may spell lone UTF-16 halves, UTF-8 cannot hold them
 
 
-def _check_unicode(value: object, where: str) -> None:
-    """BadRecord for a string holding a lone surrogate (a "\\ud800" escape without its low half)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise BadRecord(f"{where or 'a string'}: lone surrogate \\u{ord(value[exc.start]):04x} at character "
-                            f"{exc.start} (half of a UTF-16 pair; not valid Unicode text)") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            path = f"{where}.{key.encode('utf-8', 'backslashreplace').decode()}".lstrip(".")
-            _check_unicode(key, f"{path} (key)")
-            _check_unicode(item, path)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_unicode(item, f"{where}[{i}]")
+def _check_unicode(value: object) -> None:
+    """BadRecord for the first string (key or value) holding a lone surrogate (a "\\ud800" escape without its
+    low half). Iterative: a value nested as deeply as the JSON parser allows cannot exhaust the stack."""
+    stack: list[tuple[object, str]] = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                where = where if len(where) <= 80 else f"{where[:50]}...{where[-25:]}"
+                raise BadRecord(f"{where or 'a string'}: lone surrogate \\u{ord(item[exc.start]):04x} at character "
+                                f"{exc.start} (half of a UTF-16 pair; not valid Unicode text)") from None
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                path = (f"{where}.{key}" if key.isidentifier() and len(key) <= 40 else f"{where}[{_shown(key)}]").lstrip(".")
+                stack += [(child, path), (key, f"{path} (key)")]
+        elif isinstance(item, list):
+            stack += [(child, f"{where}[{i}]") for i, child in reversed(list(enumerate(item)))]
 
 
 def parse_record(text: str) -> tuple[Turn, ...]:
