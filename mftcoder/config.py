@@ -57,10 +57,14 @@ class Range:
         return above_low and below_high
 
     def __str__(self) -> str:
-        low = None if self.low is None else f"{'above' if self.low_open else 'at least'} {self.low:g}"
-        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {self.high:g}"
+        low = None if self.low is None else f"{'above' if self.low_open else 'at least'} {_number(self.low)}"
+        high = None if self.high is None else f"{'below' if self.high_open else 'at most'} {_number(self.high)}"
         text = " and ".join(part for part in (low, high) if part) or "a finite number"
-        return text + "".join(f", or {value:g} ({meaning})" for value, meaning in self.special.items())
+        return text + "".join(f", or {_number(value)} ({meaning})" for value, meaning in self.special.items())
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 POSITIVE_INT = Range(1)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from mftcoder.config import build_config
 from mftcoder.train.loop import train
+from mftcoder.train.manifest import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,11 +140,12 @@ def test_fsdp_reads_the_weights_on_rank_0_only_and_lora_trains_like_one_process(
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(small_tasks, tmp_path):
-    # A two-process checkpoint whose rank-1 RNG state is gone: only rank 1 fails while rank 0 goes on into a
+    # A two-process checkpoint whose rank-1 RNG state is gone (unknown to its manifest): only rank 1 fails while rank 0 goes on into a
     # collective; the job must end (not hang) with rank 1's error shown.
     done = run_two_ranks(settings(small_tasks, tmp_path, max_steps=2, checkpointing_steps=2))
     assert done.returncode == 0, done.stderr[-4000:]
     (tmp_path / "checkpoint-2" / "resume" / "rng-1.pt").unlink()
+    write_manifest(tmp_path / "checkpoint-2")  # so the main process's check passes it: only rank 1 finds out
     done = run_two_ranks(settings(small_tasks, tmp_path, max_steps=4, resume_from_checkpoint="auto"), timeout=240)
     assert done.returncode != 0
     assert "has no RNG state for rank 1" in done.stderr
