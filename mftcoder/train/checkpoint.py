@@ -23,6 +23,10 @@ RESUME_DIR = "resume"
 EXACT_WEIGHTS = "weights"  # RESUME_DIR/weights: the training weights, kept where save_dtype is narrower
 STEP_NAME = re.compile(r"^checkpoint-(\d+)$")
 EPOCH_NAME = re.compile(r"^checkpoint-epoch-(\d+)$")
+# Settings a resumed run must share with the run that wrote the checkpoint, or the data order changes
+# (num_train_epochs and max_steps may grow: that trains on, with the schedule stretched to the new end).
+RESUME_MUST_MATCH = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_length",
+                     "data_split", "data_weights", "over_length", "chat_template", "padding_mode")
 
 
 @dataclass
@@ -197,7 +201,21 @@ def resume_checkpoint(target: str | None, output_dir: Path, env: DistEnv, warn) 
             warn(f"note: {latest} has no manifest (written by an older mftcoder): its files are present but were "
                  "not checksummed")
     env.barrier()  # the others look once the main process has set damaged checkpoints aside
-    return find_latest(output_dir)
+    latest = find_latest(output_dir)
+    if latest is None and env.is_main:
+        warn(f"resume_from_checkpoint=auto: no checkpoint in {output_dir}; starting fresh")
+    return latest
+
+
+def check_resume(checkpoint: Path, config: dict, layout: dict) -> None:
+    """Refuse a resume that could not continue exactly: settings that change the data order, another number
+    of processes, or other data."""
+    saved = read_run_config(checkpoint)
+    for key in RESUME_MUST_MATCH:
+        if key in saved and saved[key] != config[key]:
+            raise ConfigError(f"{key}: the checkpoint {checkpoint} was trained with {saved[key]!r}, this run has "
+                              f"{config[key]!r}; an exact resume needs the same value")
+    check_layout(checkpoint, layout)
 
 
 def save_model(model: torch.nn.Module, directory: Path, state: dict | None, dtype: torch.dtype | None) -> None:

@@ -28,12 +28,6 @@ from mftcoder.train.run_folder import RunFolder
 from mftcoder.train.schedule import learning_rate
 from mftcoder.train.sharded_load import RankZeroLoad
 
-# Settings a resumed run must share with the run that wrote the checkpoint, or the data order changes
-# (num_train_epochs and max_steps may grow: that trains on, with the schedule stretched to the new end).
-RESUME_MUST_MATCH = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_length",
-                     "data_split", "data_weights", "over_length", "chat_template", "padding_mode")
-
-
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed NaN); the message says why."""
 
@@ -115,7 +109,10 @@ class Trainer:
         if env.is_main:
             ckpt.remove_incomplete(self.output_dir)  # a save that crashed: its leftovers go, a set-aside one returns
         env.barrier()
-        self.resume_from = self._resume_checkpoint()
+        self.resume_from = ckpt.resume_checkpoint(config.resume_from_checkpoint, self.output_dir, env,
+                                                  lambda text: tqdm.write(text, file=sys.stderr))
+        if self.resume_from is not None:
+            ckpt.check_resume(self.resume_from, to_dict(config), self.layout)
         resume_full = self.resume_from is not None and not ckpt.is_adapter(self.resume_from)
         full_weights = ckpt.model_weights(self.resume_from) if resume_full else None
         # Under FSDP only rank 0 reads the weights; the others build an empty twin, filled once it is sharded.
@@ -174,23 +171,6 @@ class Trainer:
                             np.random.default_rng([config.seed, epoch, 0xA11]))
         batches = micro_batches(rows, config.per_device_train_batch_size, self.env.rank, self.env.world_size)
         return optimizer_steps(batches, config.gradient_accumulation_steps)
-
-    def _resume_checkpoint(self) -> Path | None:
-        """The checkpoint to resume from (resume_from_checkpoint: 'auto' = newest one that verifies), checked."""
-        say = tqdm.write if self.env.is_main else (lambda _: None)
-        target = self.config.resume_from_checkpoint
-        path = ckpt.resume_checkpoint(target, self.output_dir, self.env, lambda text: tqdm.write(text, file=sys.stderr))
-        if path is None:
-            if target == "auto":
-                say(f"resume_from_checkpoint=auto: no checkpoint in {self.output_dir}; starting fresh")
-            return None
-        saved, current = ckpt.read_run_config(path), to_dict(self.config)
-        for key in RESUME_MUST_MATCH:
-            if key in saved and saved[key] != current[key]:
-                raise ConfigError(f"{key}: the checkpoint {path} was trained with {saved[key]!r}, this run has "
-                                  f"{current[key]!r}; an exact resume needs the same value")
-        ckpt.check_layout(path, self.layout)
-        return path
 
     def resume(self) -> None:
         """Restore optimizer, RNG, data position and trainer state (and a LoRA adapter) from the checkpoint."""
