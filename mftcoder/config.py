@@ -140,8 +140,15 @@ class Config:
     lr_scheduler_type: str = opt("cosine", "Schedule after warmup: cosine (to min_lr), linear (to 0), constant. Alias: custom_lr_scheduler_type.", ("cosine", "linear", "constant", "constant_with_warmup"))
     num_warmup_steps: int = opt(0, "Linear warmup steps.", valid=NON_NEGATIVE)
     max_grad_norm: float | None = opt(1.0, "Clip gradients to this global norm (null or 0: no clipping).", valid=NON_NEGATIVE)
-    weighted_loss_mode: str = opt("case3", "Multi-task loss: case1 token mean, case2 sample mean, case3 per-task token mean, case4 per-task sample mean.", ("case1", "case2", "case3", "case4"))
+    weighted_loss_mode: str = opt("case3", "Multi-task loss: case1 token mean, case2 sample mean, case3 per-task token mean, case4 per-task sample mean (case3/4 weighted by task_weights); coba (case3 with weights from the convergence balancer: validation-loss slopes) or dwa (case3 with dynamic weight average: training-loss ratios).", ("case1", "case2", "case3", "case4", "coba", "dwa"))
     task_weights: list[float] | dict[str, float] = opt([], "Per-task loss weights for case3/case4 (list in task order or {task: w}).", valid=NON_NEGATIVE)
+    coba_warmup_steps: int = opt(100, "coba: optimizer steps of equal weights before the balancer starts (about the number of validation batches is a good start).", valid=POSITIVE_INT)
+    coba_history_length: int = opt(200, "coba: optimizer steps of validation-loss history each slope is fitted over (2-5x the warm-up; longer: calmer weights).", valid=Range(2))
+    coba_tau: float = opt(5.0, "coba: temperature of the divergence factor (larger: switches to the divergence score sooner).", valid=Range(0, low_open=True))
+    coba_update_interval: int = opt(1, "coba: optimizer steps between weight updates (each samples the validation set once).", valid=POSITIVE_INT)
+    coba_sample_valid_num: int = opt(1, "coba: validation micro-batches per update, drawn from a seeded, endless walk over the validation split (each rank its share).", valid=POSITIVE_INT)
+    dwa_window: int = opt(10, "dwa: optimizer steps whose mean per-task training loss is compared with the window before.", valid=POSITIVE_INT)
+    dwa_temperature: float = opt(2.0, "dwa: softmax temperature of the loss ratios (larger: weights closer to equal).", valid=Range(0, low_open=True))
     max_nonfinite_steps: int = opt(3, "Stop with an error after this many NaN/inf losses in a row (each skips its update).", valid=POSITIVE_INT)
     padding_mode: str = opt("auto", "Batch shape: 'pack' fills rows of seq_length with whole samples (isolated from each other; per_device_train_batch_size counts rows); 'dynamic' pads to the longest sample of a length-grouped batch; 'padding' pads every sample to seq_length (the reference); 'auto' packs when a start-up check shows the model keeps packed samples apart, else dynamic.", ("auto", "pack", "dynamic", "padding"))
     num_workers: int = opt(0, "DataLoader worker processes.", valid=NON_NEGATIVE)
@@ -426,6 +433,9 @@ def validate(config: Config, given: set[str]) -> list[str]:
         if weights and not any(weights.values() if isinstance(weights, dict) else weights):
             what = "sampled" if name == "data_weights" else "learned"
             raise ConfigError(f"{name}: every weight is 0, so no task would be {what}; give one a positive weight")
+    if config.weighted_loss_mode in ("coba", "dwa") and config.task_weights:
+        raise ConfigError(f"task_weights: fixed weights do not combine with weighted_loss_mode: "
+                          f"{config.weighted_loss_mode}, which sets the weights itself; remove one of them")
     notices = [PLACEHOLDER_NOTICES[k] for k in sorted(given) if k in PLACEHOLDER_NOTICES]
     if config.torch_dtype == "bfloat16" and not config.peft_type:
         notices.append("torch_dtype: bfloat16 with full fine-tuning keeps no float32 master weights: AdamW updates "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -88,6 +89,36 @@ def micro_batches(rows: list[np.ndarray], batch_size: int, rank: int = 0, world_
     """
     global_size = batch_size * world_size
     return [rows[start:start + global_size][rank::world_size] for start in range(0, len(rows), global_size)]
+
+
+class ValidationStream:
+    """An endless, seeded walk over this rank's validation micro-batches, a fresh shuffle each pass. Its position
+    (pass, batch) is its whole state, so a resumed run draws the same batches; every rank draws in step."""
+
+    def __init__(self, arrange: Callable[[int], list]):
+        self.arrange = arrange  # pass number -> this rank's micro-batches of that pass
+        self.passes, self.position = 0, 0
+        self._batches: list | None = None
+
+    def take(self, count: int) -> list:
+        taken = []
+        while len(taken) < count:
+            if self._batches is None:
+                self._batches = self.arrange(self.passes)
+                if not self._batches:
+                    raise ValueError("the validation split is empty: nothing to sample")
+            if self.position == len(self._batches):
+                self.passes, self.position, self._batches = self.passes + 1, 0, None
+                continue
+            taken.append(self._batches[self.position])
+            self.position += 1
+        return taken
+
+    def state_dict(self) -> dict:
+        return {"passes": self.passes, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.passes, self.position, self._batches = state.get("passes", 0), state.get("position", 0), None
 
 
 def optimizer_steps(batches: list, accumulation: int) -> list[list]:

@@ -44,6 +44,8 @@ class TrainerState:
     last_eval: dict | None = None  # {"step": int, "metric": float}
     checkpoint_metrics: dict[str, float] = field(default_factory=dict)  # checkpoint name -> its eval metric
     metrics_bytes: int | None = None  # length of metrics.jsonl at save time: resume cuts what came after
+    balancer: dict = field(default_factory=dict)  # the task balancer's state (histories, current weights)
+    validation_stream: dict = field(default_factory=dict)  # where the balancer's validation samples stand
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)

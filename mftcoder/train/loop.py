@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mftcoder.balance import Observation, make_balancer
 from mftcoder.config import (Config, ConfigError, check_metric_name, forward_token_limit, resolve_for_world,
                              to_dict)
-from mftcoder.data.batching import (Batch, SampleReader, arrange_rows, epoch_plan, micro_batches, optimizer_steps,
-                                    plan_lengths)
+from mftcoder.data.batching import (Batch, SampleReader, ValidationStream, arrange_rows, epoch_plan, micro_batches,
+                                    optimizer_steps, plan_lengths)
 from mftcoder.data.prepare import PreparedData, prepare_data
 from mftcoder.data.tasks import per_task_values
 from mftcoder.loss import StepCounts, TaskTotals, token_coefficients
@@ -77,6 +78,7 @@ class Interval:
     tokens: int = 0
     capacity: int = 0  # token slots of the batches, padding included
     grad_norm: float = float("nan")
+    balance: dict = field(default_factory=dict)  # the balancer's metrics (task weights) of the last step
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -101,9 +103,16 @@ class Trainer:
         self.num_tasks = len(self.data.tasks)
         self.task_names = [t.name for t in self.data.tasks]
         check_metric_name(config, self.task_names)
-        self.task_weights = torch.tensor(per_task_values("task_weights", config.task_weights, self.data.tasks))
-        if self.task_weights.sum() <= 0:
+        task_weights = np.array(per_task_values("task_weights", config.task_weights, self.data.tasks))
+        if task_weights.sum() <= 0:
             raise ConfigError("task_weights: at least one task needs a positive weight")
+        self.balancer = make_balancer(config, self.task_names, task_weights)
+        self.validation_stream = ValidationStream(lambda passes: self._validation_batches(shuffle=passes))
+        if self.balancer.needs_validation and not all(len(t.valid) for t in self.data.per_task):
+            empty = [t.task.name for t in self.data.per_task if not len(t.valid)]
+            raise ConfigError(f"weighted_loss_mode: {config.weighted_loss_mode} weighs tasks by their validation loss, "
+                              f"and task(s) {', '.join(empty)} have no validation samples (data_split "
+                              f"{config.data_split!r}); give the split a validation part, e.g. '95,5,0'")
         self.sampling_weights = per_task_values("data_weights", config.data_weights, self.data.tasks)
         self.layout = {"world_size": env.world_size, "data": {t.task.name: t.data.digest for t in self.data.per_task}}
         if env.is_main:
@@ -177,6 +186,8 @@ class Trainer:
         if self.resume_from is None:
             return
         self.state = ckpt.restore_training_state(self.resume_from, self.runner, self.optimizer, self.parallel)
+        self.balancer.load_state_dict(self.state.balancer)
+        self.validation_stream.load_state_dict(self.state.validation_stream)
         self.result.state = self.state
         if self.env.is_main:
             tqdm.write(f"resumed from {self.resume_from} at step {self.state.step} (epoch {self.state.epoch})")
@@ -186,6 +197,8 @@ class Trainer:
         config, state = self.config, self.state
         if config.evaluate_before_training and state.step == 0 and "no" != config.evaluation_strategy:
             self.evaluate(record=False)
+        if state.step == 0:
+            self._observe(np.full(self.num_tasks, np.nan))  # the balancer's starting point
         with tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not self.env.is_main,
                   dynamic_ncols=True) as progress:  # closed on an error too, so its message starts a line
             early_stop = False
@@ -195,6 +208,7 @@ class Trainer:
                     loss = self.train_step(batches)
                     state.step += 1
                     state.step_in_epoch += 1
+                    self._observe(self.step_task_losses)
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr(state.step - 1):.2e}")
                     if state.step % config.log_interval == 0 or state.step == self.total_steps:
@@ -238,11 +252,13 @@ class Trainer:
 
     def _train_step(self, batches: list[Batch]) -> float:
         config, state = self.config, self.state
+        self.step_task_losses = np.full(self.num_tasks, np.nan)  # what the balancer sees of a skipped step
+        self.interval.balance = self.balancer.metrics()  # the weights this step trains with
         self.runner.train()
         counts = StepCounts.of(batches, self.num_tasks)
         counts = StepCounts(*self.env.all_reduce_sum(torch.stack([counts.tokens, counts.samples])))
         step_totals = TaskTotals.zeros(self.num_tasks)
-        loss = accumulate_gradients(self.runner, batches, counts, config.weighted_loss_mode, self.task_weights,
+        loss = accumulate_gradients(self.runner, batches, counts, self.balancer.loss_mode, self.balancer.weights(),
                                     self.parallel, step_totals, self.autocast, self.forward_tokens)
         tokens, capacity = (int(x) for x in self.env.all_reduce_sum(torch.tensor(
             [sum(b.num_tokens for b in batches), sum(b.attention_mask.numel() for b in batches)])))
@@ -263,7 +279,9 @@ class Trainer:
         state.nonfinite_in_row = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.interval.totals.merge(TaskTotals.from_tensor(self.env.all_reduce_sum(step_totals.as_tensor())))
+        step_totals = TaskTotals.from_tensor(self.env.all_reduce_sum(step_totals.as_tensor()))
+        self.interval.totals.merge(step_totals)
+        self.step_task_losses = step_totals.per_task_loss().numpy()
         self.interval.losses.append(loss)
         self.result.step_losses.append(loss)
         return loss
@@ -288,7 +306,8 @@ class Trainer:
         metrics.update({"lr": self._lr(self.state.step - 1), "grad_norm": interval.grad_norm,
                         "tokens_per_s": interval.tokens / max(elapsed, 1e-9),
                         "packing_efficiency": interval.tokens / max(1, interval.capacity),
-                        "epoch": self.state.epoch + self.state.step_in_epoch / max(1, self.steps_per_epoch)})
+                        "epoch": self.state.epoch + self.state.step_in_epoch / max(1, self.steps_per_epoch),
+                        **interval.balance})
         if self.env.device.type == "cuda":  # this (the main) process's peak since it started
             metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.logger.log("train", self.state.step, metrics)
@@ -326,35 +345,51 @@ class Trainer:
         return False
 
     # --- evaluation and checkpoints -------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, record: bool = True) -> dict | None:
         """Validation loss overall (the training objective over the whole split) and per task (token mean)."""
-        config, state = self.config, self.state
+        batches = self._validation_batches()
+        if not batches:
+            return None
+        totals = self._loss_totals(batches[:self.config.valid_iters] if self.config.valid_iters else batches)
+        metrics = {"loss": totals.objective(self.balancer.loss_mode, self.balancer.objective_weights())}
+        metrics.update({f"loss/{n}": float(v) for n, v in zip(self.task_names, totals.per_task_loss())})
+        self.logger.log("eval", self.state.step, metrics)
+        self.result.evaluations.append({"step": self.state.step, **metrics})
+        if record:
+            self._track_best(metrics)
+        return metrics
+
+    def _validation_batches(self, shuffle: int | None = None) -> list[list[np.ndarray]]:
+        """This rank's share of the validation split in micro-batches: in a fixed order, or (shuffle=k) in the
+        k-th seeded shuffle (the balancer's samples)."""
+        config = self.config
         plan = np.concatenate([np.stack([np.full(len(t.valid), t.task.id), t.valid], axis=1)
                                for t in self.data.per_task]).astype(np.int64)
-        if len(plan) == 0:
-            return None
+        if shuffle is not None:
+            plan = plan[np.random.default_rng([config.seed, shuffle, 0xC0BA]).permutation(len(plan))]
         rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), self.padding_mode, config.seq_length,
-                            config.per_device_valid_batch_size * self.env.world_size, np.random.default_rng(0),
-                            window=len(plan))
-        batches = micro_batches(rows, config.per_device_valid_batch_size, self.env.rank, self.env.world_size)
-        if config.valid_iters:
-            batches = batches[:config.valid_iters]
+                            config.per_device_valid_batch_size * self.env.world_size,
+                            np.random.default_rng(0 if shuffle is None else [config.seed, shuffle]), window=len(plan))
+        return micro_batches(rows, config.per_device_valid_batch_size, self.env.rank, self.env.world_size)
+
+    @torch.no_grad()
+    def _loss_totals(self, batches: list[list[np.ndarray]]) -> TaskTotals:
+        """Per-task loss sums over these micro-batches, summed over ranks (every rank runs every batch: an empty
+        share is a 1-token stand-in)."""
         self.runner.eval()
         totals = TaskTotals.zeros(self.num_tasks)
-        for rows_of_batch in batches:  # every rank runs every batch (an empty share is a 1-token stand-in)
+        for rows_of_batch in batches:
             batch = self.reader[rows_of_batch].to(self.env.device)
             with self.autocast:
                 totals.add(batch, self.runner(batch)[1])
         self.runner.train()
-        totals = TaskTotals.from_tensor(self.env.all_reduce_sum(totals.as_tensor()))
-        metrics = {"loss": totals.objective(config.weighted_loss_mode, self.task_weights)}
-        metrics.update({f"loss/{n}": float(v) for n, v in zip(self.task_names, totals.per_task_loss())})
-        self.logger.log("eval", state.step, metrics)
-        self.result.evaluations.append({"step": state.step, **metrics})
-        if record:
-            self._track_best(metrics)
-        return metrics
+        return TaskTotals.from_tensor(self.env.all_reduce_sum(totals.as_tensor()))
+
+    def _observe(self, train_losses: np.ndarray) -> None:
+        """Let the balancer see this step (its weights for the next step may change)."""
+        sample = self.config.coba_sample_valid_num
+        self.balancer.update(Observation(self.state.step, train_losses, lambda: self._loss_totals(
+            self.validation_stream.take(sample)).per_task_loss().numpy()))
 
     def _track_best(self, metrics: dict) -> None:
         state, config = self.state, self.config
@@ -378,6 +413,7 @@ class Trainer:
             if state.last_eval["improved"]:
                 state.best_checkpoint = name
         state.metrics_bytes = self.logger.position()
+        state.balancer, state.validation_stream = self.balancer.state_dict(), self.validation_stream.state_dict()
         ckpt.save_checkpoint(self.output_dir, name, self.model, self.runner, self.tokenizer, self.optimizer, state,
                              {"config.json": to_dict(self.config), "layout.json": self.layout}, self.parallel,
                              self.save_dtype)
