@@ -125,7 +125,7 @@ def test_weights_are_fixed_within_an_optimizer_step(small_tasks, tmp_path, monke
 
     monkeypatch.setattr(loop, "token_coefficients", recording)
     train(make_config(small_tasks, tmp_path, gradient_accumulation_steps=4, per_device_train_batch_size=1,
-                      max_steps=4, **COBA))
+                      max_steps=4, plot_curves=True, **COBA))
     assert len(seen) == 16 and all(mode == "case3" for mode, _ in seen)
     steps = [[w for _, w in seen[4 * k:4 * k + 4]] for k in range(4)]
     for step in steps:
@@ -136,6 +136,18 @@ def test_weights_are_fixed_within_an_optimizer_step(small_tasks, tmp_path, monke
     logged = [[r[f"weight/{n}"] for n in ("code_docstring", "code_generation", "code_multiturn")]
               for r in rows if r["split"] == "train"]
     np.testing.assert_allclose(logged, [s[0].numpy() for s in steps], rtol=1e-12)  # the weights each step used
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curves_hold_each_task_and_panel(tmp_path):
+    from mftcoder.train.plots import series
+
+    rows = [{"split": "train", "step": 1, "loss/a": 2.0, "weight/a": 0.4, "weight/b": 0.6},
+            {"split": "eval", "step": 1, "loss/a": 2.5, "loss/b": None},
+            {"split": "train", "step": 2, "loss/a": 1.5, "loss/b": 1.9, "weight/a": 0.5, "weight/b": 0.5}]
+    assert series(rows, "train", "loss/") == {"a": ([1, 2], [2.0, 1.5]), "b": ([2], [1.9])}
+    assert series(rows, "eval", "loss/") == {"a": ([1], [2.5])}
+    assert series(rows, "train", "weight/")["b"] == ([1, 2], [0.6, 0.5])
 
 
 def test_resume_with_coba_is_exact(small_tasks, tmp_path):

@@ -26,7 +26,8 @@ def settings(small_tasks, output_dir: Path, **overrides) -> dict:
     return {**small_tasks, "model_config": "tiny-test", "output_dir": str(output_dir), "seq_length": 96,
             "padding_mode": "dynamic", "learning_rate": 5e-3, "max_steps": 3, "log_interval": 1,
             "evaluation_steps": 3, "checkpointing_steps": 3, "data_split": "80,20,0", "num_warmup_steps": 0,
-            "evaluate_before_training": False, "per_device_valid_batch_size": 5, **overrides}
+            "evaluate_before_training": False, "per_device_valid_batch_size": 5, "plot_curves": False,
+            **overrides}
 
 
 def run_two_ranks(values: dict, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -21,7 +21,8 @@ def make_config(small_tasks, output_dir, **overrides):
     values = {**small_tasks, "model_config": "tiny-test", "output_dir": str(output_dir), "seq_length": 96,
               "per_device_train_batch_size": 2, "learning_rate": 2e-3, "max_steps": 6, "log_interval": 1,
               "evaluation_steps": 2, "checkpointing_steps": 2, "data_split": "80,20,0", "num_warmup_steps": 1,
-              "evaluate_before_training": False, "per_device_valid_batch_size": 6, **overrides}
+              "evaluate_before_training": False, "per_device_valid_batch_size": 6, "plot_curves": False,
+              **overrides}
     return build_config(values)[0]
 
 

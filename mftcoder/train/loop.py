@@ -25,6 +25,7 @@ from mftcoder.model import load_base_model, load_tokenizer, parameter_groups, pr
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, shutdown
 from mftcoder.train.metrics import MetricsLogger
+from mftcoder.train.plots import write_curves
 from mftcoder.train.run_folder import RunFolder
 from mftcoder.train.schedule import learning_rate
 from mftcoder.train.sharded_load import RankZeroLoad
@@ -219,6 +220,10 @@ class Trainer:
                 if state.step_in_epoch == len(steps) and not early_stop:
                     early_stop = self.end_epoch()
         self.result.final_checkpoint = self.save(f"checkpoint-{state.step}", only_if_missing=True)
+        if config.plot_curves and self.env.is_main:
+            drawn = write_curves(self.output_dir)
+            tqdm.write(f"curves: {drawn}" if drawn else "note: no curves.png: matplotlib is not installed "
+                       "(pip install 'mftcoder[plot]')")
         self.close()
         return self.result
 
