@@ -253,6 +253,17 @@ def save_weights(model: torch.nn.Module, directory: Path, state: dict | None, dt
     config_file.write_text(json.dumps(stated, indent=2, sort_keys=True) + "\n")
 
 
+def save_random_base(model: torch.nn.Module, tokenizer, directory: Path, dtype: torch.dtype) -> None:
+    """A LoRA run on a random-initialised model keeps its base on disk (in save_dtype), so the adapter can be
+    merged later."""
+    if directory.exists():
+        return
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    save_weights(model, tmp, None, dtype)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(directory)
+
+
 def model_weights(checkpoint: Path) -> Path:
     """Where a full checkpoint's exact training weights are: RESUME_DIR/weights when the model files were saved
     in a narrower dtype, else the checkpoint itself."""

@@ -16,8 +16,8 @@ from tqdm import tqdm
 from mftcoder.balance import Observation, make_balancer
 from mftcoder.config import (Config, ConfigError, check_metric_name, forward_token_limit, resolve_for_world,
                              to_dict)
-from mftcoder.data.batching import (Batch, SampleReader, ValidationStream, arrange_rows, epoch_plan, micro_batches,
-                                    optimizer_steps, plan_lengths)
+from mftcoder.data.batching import (Batch, SampleReader, arrange_rows, epoch_plan, micro_batches, optimizer_steps,
+                                    plan_lengths)
 from mftcoder.data.prepare import PreparedData, prepare_data
 from mftcoder.data.tasks import per_task_values
 from mftcoder.loss import StepCounts, TaskTotals, token_coefficients
@@ -29,6 +29,7 @@ from mftcoder.train.plots import write_curves
 from mftcoder.train.run_folder import RunFolder
 from mftcoder.train.schedule import learning_rate
 from mftcoder.train.sharded_load import RankZeroLoad
+from mftcoder.train.validation import Validation
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed NaN); the message says why."""
@@ -108,7 +109,6 @@ class Trainer:
         if task_weights.sum() <= 0:
             raise ConfigError("task_weights: at least one task needs a positive weight")
         self.balancer = make_balancer(config, self.task_names, task_weights)
-        self.validation_stream = ValidationStream(lambda passes: self._validation_batches(shuffle=passes))
         if self.balancer.needs_validation and not all(len(t.valid) for t in self.data.per_task):
             empty = [t.task.name for t in self.data.per_task if not len(t.valid)]
             raise ConfigError(f"weighted_loss_mode: {config.weighted_loss_mode} weighs tasks by their validation loss, "
@@ -130,7 +130,7 @@ class Trainer:
         base = load_base_model(config, self.tokenizer, self.template, full_weights, empty=loading.empty)
         self.save_dtype = save_dtype(config)
         if config.peft_type and not config.pretrained_model_path and env.is_main:
-            save_random_base(base, self.tokenizer, self.output_dir / "base-model", self.save_dtype)
+            ckpt.save_random_base(base, self.tokenizer, self.output_dir / "base-model", self.save_dtype)
         self.model = prepare_for_training(base, config)
         # A quantized base was loaded onto env.device (bitsandbytes weights stay put); an empty one stays on meta.
         if not config.quantization and not loading.empty:
@@ -148,6 +148,7 @@ class Trainer:
         pad_to = config.seq_length if self.padding_mode == "padding" else None
         self.reader = SampleReader(self.data.per_task, self.tokenizer.pad_token_id, pad_to,
                                    packed=self.padding_mode == "pack")
+        self.validation = Validation(config, self.data, self.reader, env, self.padding_mode)
         epoch_lengths = [len(self._epoch_steps(e)) for e in range(config.num_train_epochs)]  # packing varies a little
         self.steps_per_epoch = epoch_lengths[0]
         total = sum(epoch_lengths)
@@ -188,7 +189,7 @@ class Trainer:
             return
         self.state = ckpt.restore_training_state(self.resume_from, self.runner, self.optimizer, self.parallel)
         self.balancer.load_state_dict(self.state.balancer)
-        self.validation_stream.load_state_dict(self.state.validation_stream)
+        self.validation.stream.load_state_dict(self.state.validation_stream)
         self.result.state = self.state
         if self.env.is_main:
             tqdm.write(f"resumed from {self.resume_from} at step {self.state.step} (epoch {self.state.epoch})")
@@ -352,10 +353,10 @@ class Trainer:
     # --- evaluation and checkpoints -------------------------------------------------------------
     def evaluate(self, record: bool = True) -> dict | None:
         """Validation loss overall (the training objective over the whole split) and per task (token mean)."""
-        batches = self._validation_batches()
+        batches = self.validation.batches()
         if not batches:
             return None
-        totals = self._loss_totals(batches[:self.config.valid_iters] if self.config.valid_iters else batches)
+        totals = self.validation.totals(self.runner, batches[:self.config.valid_iters or None], self.autocast)
         metrics = {"loss": totals.objective(self.balancer.loss_mode, self.balancer.objective_weights())}
         metrics.update({f"loss/{n}": float(v) for n, v in zip(self.task_names, totals.per_task_loss())})
         self.logger.log("eval", self.state.step, metrics)
@@ -364,37 +365,10 @@ class Trainer:
             self._track_best(metrics)
         return metrics
 
-    def _validation_batches(self, shuffle: int | None = None) -> list[list[np.ndarray]]:
-        """This rank's share of the validation split in micro-batches: in a fixed order, or (shuffle=k) in the
-        k-th seeded shuffle (the balancer's samples)."""
-        config = self.config
-        plan = np.concatenate([np.stack([np.full(len(t.valid), t.task.id), t.valid], axis=1)
-                               for t in self.data.per_task]).astype(np.int64)
-        if shuffle is not None:
-            plan = plan[np.random.default_rng([config.seed, shuffle, 0xC0BA]).permutation(len(plan))]
-        rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), self.padding_mode, config.seq_length,
-                            config.per_device_valid_batch_size * self.env.world_size,
-                            np.random.default_rng(0 if shuffle is None else [config.seed, shuffle]), window=len(plan))
-        return micro_batches(rows, config.per_device_valid_batch_size, self.env.rank, self.env.world_size)
-
-    @torch.no_grad()
-    def _loss_totals(self, batches: list[list[np.ndarray]]) -> TaskTotals:
-        """Per-task loss sums over these micro-batches, summed over ranks (every rank runs every batch: an empty
-        share is a 1-token stand-in)."""
-        self.runner.eval()
-        totals = TaskTotals.zeros(self.num_tasks)
-        for rows_of_batch in batches:
-            batch = self.reader[rows_of_batch].to(self.env.device)
-            with self.autocast:
-                totals.add(batch, self.runner(batch)[1])
-        self.runner.train()
-        return TaskTotals.from_tensor(self.env.all_reduce_sum(totals.as_tensor()))
-
     def _observe(self, train_losses: np.ndarray) -> None:
         """Let the balancer see this step (its weights for the next step may change)."""
-        sample = self.config.coba_sample_valid_num
-        self.balancer.update(Observation(self.state.step, train_losses, lambda: self._loss_totals(
-            self.validation_stream.take(sample)).per_task_loss().numpy()))
+        self.balancer.update(Observation(self.state.step, train_losses,
+                                         lambda: self.validation.sample(self.runner, self.autocast)))
 
     def _track_best(self, metrics: dict) -> None:
         state, config = self.state, self.config
@@ -418,7 +392,7 @@ class Trainer:
             if state.last_eval["improved"]:
                 state.best_checkpoint = name
         state.metrics_bytes = self.logger.position()
-        state.balancer, state.validation_stream = self.balancer.state_dict(), self.validation_stream.state_dict()
+        state.balancer, state.validation_stream = self.balancer.state_dict(), self.validation.stream.state_dict()
         ckpt.save_checkpoint(self.output_dir, name, self.model, self.runner, self.tokenizer, self.optimizer, state,
                              {"config.json": to_dict(self.config), "layout.json": self.layout}, self.parallel,
                              self.save_dtype)
@@ -426,17 +400,6 @@ class Trainer:
             ckpt.apply_retention(self.output_dir, self.config.save_total_limit, state.best_checkpoint)
         self.env.barrier()
         return path
-
-
-def save_random_base(model: torch.nn.Module, tokenizer, directory: Path, dtype: torch.dtype) -> None:
-    """A LoRA run on a random-initialised model keeps its base on disk (in save_dtype), so the adapter can be
-    merged later."""
-    if directory.exists():
-        return
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    ckpt.save_weights(model, tmp, None, dtype)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(directory)
 
 
 def _identity(x):
