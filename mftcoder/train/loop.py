@@ -31,6 +31,7 @@ from mftcoder.train.schedule import learning_rate
 from mftcoder.train.sharded_load import RankZeroLoad
 from mftcoder.train.validation import Validation
 
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed NaN); the message says why."""
 
