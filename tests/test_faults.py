@@ -129,8 +129,8 @@ def test_the_log_holds_each_step_once_after_a_resume(small_tasks, tmp_path, monk
     train(make_config(small_tasks, tmp_path / "full", evaluate_before_training=True))
     original = Trainer.after_step
 
-    def killed_after_step_5(self):
-        stop = original(self)
+    def killed_after_step_5(self, **kwargs):
+        stop = original(self, **kwargs)
         if self.state.step == 5:
             raise Killed()  # steps 5 is logged and evaluated, checkpoint-4 is the newest
         return stop
@@ -216,3 +216,29 @@ def test_an_explicit_path_that_is_no_checkpoint_is_one_line(small_tasks, tmp_pat
     for target, reason in ((tmp_path / "nowhere", "no such folder"), (tmp_path, "not a checkpoint (no trainer_state.json)")):
         assert main(cli_args(small_tasks, tmp_path / "out", resume_from_checkpoint=str(target))) == 2
         assert capsys.readouterr().err.strip() == f"error: resume_from_checkpoint: {target} cannot be resumed from: {reason}"
+
+
+def log_keys(folder: Path, name: str = "metrics.jsonl") -> list[tuple]:
+    return [(r["split"], r["step"]) for r in map(json.loads, (folder / name).read_text().splitlines())]
+
+
+def test_an_epoch_end_evaluation_at_the_last_step_is_in_the_checkpoint_and_survives_a_resume(small_tasks, tmp_path):
+    # 48 training samples / 12 = 4 steps: step 4 ends the epoch, is evaluated ('epoch') and checkpointed (every 2).
+    values = dict(evaluation_strategy="epoch", checkpointing_steps=2, per_device_train_batch_size=12,
+                  padding_mode="dynamic", max_steps=-1)
+    first = train(make_config(small_tasks, tmp_path, **values))
+    saved = ckpt.read_state(tmp_path / "checkpoint-4")
+    assert (saved.last_eval["step"], saved.epoch, saved.step_in_epoch) == (4, 1, 0)  # evaluated before the save
+    assert saved.checkpoint_metrics["checkpoint-4"] == first.evaluations[-1]["loss"]
+    again = train(make_config(small_tasks, tmp_path, resume_from_checkpoint="auto", **values))  # a finished run
+    assert again.step_losses == [] and again.evaluations == []
+    assert log_keys(tmp_path).count(("eval", 4)) == 1
+
+
+def test_a_fresh_start_keeps_the_earlier_log_aside_instead_of_continuing_it(small_tasks, tmp_path):
+    train(make_config(small_tasks, tmp_path, max_steps=2, checkpointing_steps=1000))
+    shutil.rmtree(tmp_path / "checkpoint-2")  # killed before its first checkpoint
+    earlier = log_keys(tmp_path)
+    train(make_config(small_tasks, tmp_path, max_steps=2, checkpointing_steps=1000, resume_from_checkpoint="auto"))
+    assert log_keys(tmp_path) == earlier == [("train", 1), ("train", 2), ("eval", 2)]
+    assert log_keys(tmp_path, "metrics.1.jsonl") == earlier

@@ -192,6 +192,8 @@ class Trainer:
         self.balancer.load_state_dict(self.state.balancer)
         self.validation.stream.load_state_dict(self.state.validation_stream)
         self.result.state = self.state
+        if self.state.step_in_epoch == len(self._epoch_steps(self.state.epoch)):  # older checkpoints were saved
+            self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0  # before their epoch's end
         if self.env.is_main:
             tqdm.write(f"resumed from {self.resume_from} at step {self.state.step} (epoch {self.state.epoch})")
 
@@ -207,7 +209,7 @@ class Trainer:
             early_stop = False
             while not early_stop and state.epoch < config.num_train_epochs and state.step < self.total_steps:
                 steps = self._epoch_steps(state.epoch)
-                for batches in self._prefetch(steps[state.step_in_epoch:]):
+                for batches in self._prefetch(steps[state.step_in_epoch:][:self.total_steps - state.step]):
                     loss = self.train_step(batches)
                     state.step += 1
                     state.step_in_epoch += 1
@@ -216,11 +218,9 @@ class Trainer:
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr(state.step - 1):.2e}")
                     if state.step % config.log_interval == 0 or state.step == self.total_steps:
                         self.log_train()
-                    early_stop = self.after_step()
-                    if early_stop or state.step >= self.total_steps:
+                    early_stop = self.after_step(epoch_done=state.step_in_epoch == len(steps))
+                    if early_stop:
                         break
-                if state.step_in_epoch == len(steps) and not early_stop:
-                    early_stop = self.end_epoch()
         self.result.final_checkpoint = self.save(f"checkpoint-{state.step}", only_if_missing=True)
         if config.plot_curves and self.env.is_main:
             drawn = write_curves(self.output_dir)
@@ -320,25 +320,21 @@ class Trainer:
         self.logger.log("train", self.state.step, metrics)
         self.interval = Interval(TaskTotals.zeros(self.num_tasks))
 
-    def after_step(self) -> bool:
-        """Evaluation and checkpoint after an optimizer step; True means stop early."""
+    def after_step(self, epoch_done: bool) -> bool:
+        """Evaluation and checkpoints after an optimizer step, the epoch's end included when the step ends one:
+        all of it before the checkpoint is written, so a run resumed from it has nothing of this step to redo.
+        True means stop early."""
         config, state = self.config, self.state
-        if "steps" in config.evaluation_strategy and state.step % config.evaluation_steps == 0:
+        if (("steps" in config.evaluation_strategy and state.step % config.evaluation_steps == 0)
+                or (epoch_done and "epoch" in config.evaluation_strategy)):
             self.evaluate()
-        if "steps" in config.save_strategy and state.step % config.checkpointing_steps == 0:
+        if epoch_done:
+            state.epoch += 1
+            state.step_in_epoch = 0
+        if (("steps" in config.save_strategy and state.step % config.checkpointing_steps == 0)
+                or (epoch_done and "epoch" in config.save_strategy)):
             self.save(f"checkpoint-{state.step}")
-        return self._early_stop()
-
-    def end_epoch(self) -> bool:
-        """Epoch-end evaluation and checkpoints; what already happened at this step (steps strategy) is not redone."""
-        config, state = self.config, self.state
-        if "epoch" in config.evaluation_strategy and (state.last_eval or {}).get("step") != state.step:
-            self.evaluate()
-        state.epoch += 1
-        state.step_in_epoch = 0
-        if "epoch" in config.save_strategy:
-            self.save(f"checkpoint-{state.step}", only_if_missing=True)
-        if config.extra_save_by_epoch:
+        if epoch_done and config.extra_save_by_epoch:
             self.save(f"checkpoint-epoch-{state.epoch}", only_if_missing=True)
         return self._early_stop()
 

@@ -9,6 +9,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+def _set_aside(path: Path) -> None:
+    """metrics.jsonl of an earlier run -> metrics.1.jsonl (the first free number)."""
+    if path.is_file() and path.stat().st_size:
+        k = 1
+        while path.with_name(f"metrics.{k}.jsonl").exists():
+            k += 1
+        path.rename(path.with_name(f"metrics.{k}.jsonl"))
+
+
 def format_line(split: str, step: int, metrics: dict[str, float]) -> str:
     """'train step 10 | loss 5.1234 | loss/taskA 5.0000 | lr 1.00e-04 | ...' for the console."""
     parts = [f"{split} step {step}"]
@@ -35,12 +44,15 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             output_dir.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+            path = output_dir / "metrics.jsonl"
+            if resumed is None:
+                _set_aside(path)  # a fresh start: an earlier run's log is kept, not continued
+            self.jsonl = open(path, "a", encoding="utf-8")
             if resumed is not None and resumed.metrics_bytes is not None and self.jsonl.tell() > resumed.metrics_bytes:
                 self.jsonl.truncate(resumed.metrics_bytes)
                 self.jsonl.seek(0, 2)  # writes append; tell() should say so before the first one
-            purge = {"purge_step": resumed.step + 1} if resumed is not None else {}
-            self.writer = SummaryWriter(log_dir=str(tensorboard_dir), **purge)
+            # TensorBoard hides what earlier event files hold from this step on (all of it on a fresh start)
+            self.writer = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=resumed.step + 1 if resumed else 0)
 
     def position(self) -> int | None:
         """Bytes written to metrics.jsonl so far (None in processes that do not log)."""
