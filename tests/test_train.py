@@ -204,7 +204,8 @@ def test_replacing_a_checkpoint_never_leaves_none(small_tasks, tmp_path, monkeyp
     with pytest.raises(OSError, match="simulated"):  # a second run into the same folder saves checkpoint-2 again
         train(make_config(small_tasks, tmp_path, max_steps=2, learning_rate=1e-2))
     monkeypatch.setattr(ckpt.os, "rename", original)
-    assert renames == ["checkpoint-2", ".checkpoint-2.tmp"]  # the old one was set aside, not deleted
+    # the old one was set aside, not deleted (the first run's metrics.jsonl was set aside too: a fresh start)
+    assert renames == ["metrics.jsonl", "checkpoint-2", ".checkpoint-2.tmp"]
     ckpt.remove_incomplete(tmp_path)  # what the next run does first: the set-aside checkpoint comes back
     assert ckpt.find_latest(tmp_path) == tmp_path / "checkpoint-2"
     assert all(torch.equal(first[k], v) for k, v in weights_of(tmp_path / "checkpoint-2").items())
