@@ -338,19 +338,20 @@ def _blank_content(rng: random.Random, record: dict) -> bytes:
 
 def _control_tokens(rng: random.Random, record: dict) -> bytes:
     """Control-token text of the templates inside contents (trained as text, or refused where it cannot be)."""
-    record = _as_chat(record)
-    for _ in range(rng.randint(1, 3)):
-        turn = _turn(rng, record)
-        turn["content"] = _insert_text(rng, turn["content"], rng.choice(CONTROL_TEXT))
-    return _encode(rng, record)
+    return _insert_into_contents(rng, record, CONTROL_TEXT, most=3)
 
 
 def _exotic_text(rng: random.Random, record: dict) -> bytes:
     """Zero-width, bidi-control, emoji, combining, private-use and control characters inside contents."""
+    return _insert_into_contents(rng, record, EXOTIC_TEXT, most=4)
+
+
+def _insert_into_contents(rng: random.Random, record: dict, texts, most: int) -> bytes:
+    """1..most of `texts`, each inserted into a random turn's content."""
     record = _as_chat(record)
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(rng.randint(1, most)):
         turn = _turn(rng, record)
-        turn["content"] = _insert_text(rng, turn["content"], rng.choice(EXOTIC_TEXT))
+        turn["content"] = _insert_text(rng, turn["content"], rng.choice(texts))
     return _encode(rng, record)
 
 
