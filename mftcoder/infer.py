@@ -6,12 +6,13 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import torch
 from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from mftcoder.data.records import BadRecord, DataError, Turn, parse_json_object, read_lines, record_turns
+from mftcoder.data.records import Turn, read_jsonl, record_turns
 from mftcoder.data.template import ChatTemplate, ModelTemplate, saved_template, stop_token_ids
 from mftcoder.data.tokenize import encode_conversations
 
@@ -80,9 +81,11 @@ def prompt_ids(tokenizer, turns: list[Turn] | list[dict],
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 8,
-             progress: bool = False, streamer=None) -> list[list[str]]:
+             progress: bool = False, streamer=None, stop_when: Callable[[str], bool] | None = None,
+             synced_gpus: bool = False) -> list[list[str]]:
     """Generate for each prompt (token ids), left-padded in batches; returns num_return_sequences new texts
-    per prompt, decoded without the prompt and stopped at EOS or the template's end-of-turn token."""
+    per prompt, decoded without the prompt and stopped at EOS, the template's end-of-turn token, or once
+    `stop_when(text so far)` holds. synced_gpus: every rank runs as many forward passes (sharded models)."""
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer, saved_template(tokenizer))
     outputs: list[list[str]] = []
@@ -96,31 +99,33 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, bat
         for row, ids in enumerate(chunk):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention[row, width - len(ids):] = 1
+        criteria = StoppingCriteriaList([TextStop(tokenizer, width, stop_when)]) if stop_when else None
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                   eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                                   streamer=streamer, **sampling.generate_kwargs())
+                                   eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                   streamer=streamer, stopping_criteria=criteria, synced_gpus=synced_gpus,
+                                   **sampling.generate_kwargs())
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         n = sampling.num_return_sequences
         outputs += [texts[i:i + n] for i in range(0, len(texts), n)]
     return outputs
 
 
+class TextStop(StoppingCriteria):
+    """A stopping criterion: each row stops once stop_when(its new text) holds."""
+
+    def __init__(self, tokenizer, prompt_width: int, stop_when: Callable[[str], bool]):
+        self.tokenizer, self.width, self.stop_when = tokenizer, prompt_width, stop_when
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        return torch.tensor([self.stop_when(text) for text in texts], dtype=torch.bool, device=input_ids.device)
+
+
 def read_prompts(path: Path) -> tuple[list[dict], list[tuple[Turn, ...]]]:
     """Records of a prompts JSONL file (chat_rounds ending with a human turn, or {"prompt": ...}); every bad
     line is reported as file:line: reason before anything is generated."""
-    records, conversations, errors = [], [], []
-    for number, text in read_lines(path):
-        try:
-            if isinstance(text, BadRecord):
-                raise text
-            record = parse_json_object(text)
-            conversations.append(record_turns(record, prompt_only=True))
-            records.append(record)
-        except BadRecord as exc:
-            errors.append(f"{path}:{number}: {exc}")
-    if errors:
-        raise DataError("\n".join(errors) + f"\n{len(errors)} bad prompt record(s); nothing was generated")
-    return records, conversations
+    pairs = read_jsonl(path, lambda record, _: (record, record_turns(record, prompt_only=True)), what="prompt")
+    return [record for record, _ in pairs], [turns for _, turns in pairs]
 
 
 def generate_file(model, tokenizer, input_path: Path, output_path: Path, sampling: Sampling,

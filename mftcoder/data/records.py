@@ -7,10 +7,11 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 ROLE_NAMES = {"system": "system", "human": "human", "bot": "bot", "user": "human", "assistant": "bot"}
 MAX_RECORD_BYTES = 32 * 1024 * 1024
+T = TypeVar("T")
 
 
 def _shown(text: str, limit: int = 40) -> str:
@@ -151,6 +152,22 @@ def record_turns(obj: dict, prompt_only: bool = False) -> tuple[Turn, ...]:
         raise BadRecord("missing 'chat_rounds' (or a 'prompt'/'answer' pair)")
     _check_order(turns, prompt_only)
     return tuple(turns)
+
+
+def read_jsonl(path: Path, convert: Callable[[dict, int], T], what: str = "record") -> list[T]:
+    """convert(record, line number) for every line of a JSONL file; all bad lines are reported together as
+    file:line: reason (convert raises BadRecord), and then nothing is returned."""
+    items, errors = [], []
+    for number, text in read_lines(path):
+        try:
+            if isinstance(text, BadRecord):
+                raise text
+            items.append(convert(parse_json_object(text), number))
+        except BadRecord as exc:
+            errors.append(f"{path}:{number}: {exc}")
+    if errors:
+        raise DataError("\n".join(errors) + f"\n{len(errors)} bad {what} record(s) in {path}")
+    return items
 
 
 def read_lines(path: Path, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, str | BadRecord]]:
