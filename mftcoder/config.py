@@ -160,8 +160,13 @@ class Config:
     evaluation_strategy: str = opt("steps", "When to evaluate: 'steps', 'epoch', 'steps,epoch' or 'no'.", ("steps", "epoch", "steps,epoch", "no"), section="eval")
     evaluation_steps: int = opt(100, "Optimizer steps between evaluations. Aliases: evalation_steps, valid_interval.", section="eval", valid=POSITIVE_INT)
     valid_iters: int | None = opt(None, "Cap on evaluation batches per evaluation (null: the whole validation split).", section="eval", valid=POSITIVE_INT)
-    metric_for_best_model: str = opt("loss", "Validation metric that ranks checkpoints: 'loss' or 'loss/<task>'.", section="eval")
-    greater_is_better: bool = opt(False, "Whether a larger metric is better.", section="eval")
+    metric_for_best_model: str = opt("loss", "Validation metric that ranks checkpoints: 'loss', 'loss/<task>', or with generation_eval 'pass@1' or 'pass@1/<benchmark>'.", section="eval")
+    greater_is_better: bool | None = opt(None, "Whether a larger metric is better (null: from the metric, lower loss and higher pass@1).", section="eval")
+    generation_eval: list[str] = opt([], "At each evaluation, generate code for these benchmarks and run it in a sandbox: 'humaneval' and/or JSONL files of problems with tests (docs/eval.md). Greedy decoding; logs pass@1 and pass@1/<benchmark>. Under torchrun the problems are split across ranks.", section="eval")
+    generation_eval_problems: int = opt(20, "Problems per generation_eval benchmark: its first N, the same at every evaluation (-1: all).", section="eval", valid=Range(1, special={-1: "all"}))
+    generation_eval_max_new_tokens: int = opt(256, "generation_eval: longest answer per problem, in tokens.", section="eval", valid=POSITIVE_INT)
+    generation_eval_batch_size: int = opt(8, "generation_eval: prompts per generation batch.", section="eval", valid=POSITIVE_INT)
+    generation_eval_timeout: float = opt(10.0, "generation_eval: seconds each generated program may run.", section="eval", valid=Range(0, low_open=True))
     early_stopping_patience: int = opt(-1, "Stop after this many evaluations without improvement (-1: never).", section="eval", valid=Range(1, special={-1: "never"}))
     output_dir: str | None = opt(None, "Checkpoints, metrics and logs go here (null: ./outputs of the folder the command runs in). One run at a time: a second run on a folder a live run holds is refused.", section="eval")
     tensorboard_dir: str | None = opt(None, "TensorBoard event files (default output_dir/runs).", section="eval")
@@ -365,6 +370,8 @@ def _resolve_paths(config: Config, base_dir: Path, keys: set[str]) -> None:
 
     if "data_paths" in keys:
         config.data_paths = [resolve(p) for p in config.data_paths]
+    if "generation_eval" in keys:
+        config.generation_eval = [p if p == "humaneval" else resolve(p) for p in config.generation_eval]
     if "tasks" in keys:
         config.tasks = {k: resolve(v) for k, v in config.tasks.items()}
     for key in _PATH_KEYS:
@@ -425,8 +432,18 @@ def validate(config: Config, given: set[str]) -> list[str]:
         raise ConfigError("load_raw_dataset: only raw JSONL input is supported; set it to true (or leave it out)")
     if config.fp16:
         raise ConfigError("fp16: not supported (fp16 training needs loss scaling); use bf16: true on a GPU")
-    if config.metric_for_best_model != "loss" and not config.metric_for_best_model.startswith("loss/"):
-        raise ConfigError(f"metric_for_best_model: expected 'loss' or 'loss/<task>', got {config.metric_for_best_model!r}")
+    metric = config.metric_for_best_model
+    if metric != "loss" and not metric.startswith(("loss/", "pass@1")):
+        raise ConfigError(f"metric_for_best_model: expected 'loss', 'loss/<task>', 'pass@1' or 'pass@1/<benchmark>', "
+                          f"got {metric!r}")
+    if metric.startswith("pass@1") and not config.generation_eval:
+        raise ConfigError(f"metric_for_best_model: {metric} is measured by generation_eval; name its benchmarks, "
+                          "e.g. generation_eval: [humaneval]")
+    if metric.startswith("pass@1") and config.greater_is_better is False:
+        raise ConfigError(f"greater_is_better: false would keep the checkpoints with the lowest {metric}; "
+                          "leave it out (or true)")
+    if config.greater_is_better is None:
+        config.greater_is_better = metric.startswith("pass@")
     if config.pretrained_model_path and config.model_config:
         raise ConfigError("give either pretrained_model_path (fine-tune a model) or model_config (random init), not both")
     for name in ("data_weights", "task_weights"):
@@ -472,11 +489,10 @@ def forward_token_limit(config: Config, device_type: str) -> int:
     return CPU_FORWARD_TOKENS if device_type == "cpu" else 0
 
 
-def check_metric_name(config: Config, task_names: list[str]) -> None:
-    """metric_for_best_model names a validation metric of this run (checked before the first step)."""
-    metrics = ["loss", *(f"loss/{name}" for name in task_names)]
+def check_metric_name(config: Config, metrics: list[str]) -> None:
+    """metric_for_best_model names a metric this run's evaluators measure (checked before the first step)."""
     if config.metric_for_best_model not in metrics:
-        raise ConfigError(f"metric_for_best_model: {config.metric_for_best_model!r} is not a validation metric; "
+        raise ConfigError(f"metric_for_best_model: {config.metric_for_best_model!r} is not a metric of this run; "
                           f"choose from {', '.join(metrics)}")
 
 

@@ -24,6 +24,7 @@ from mftcoder.loss import StepCounts, TaskTotals, token_coefficients
 from mftcoder.model import load_base_model, load_tokenizer, parameter_groups, prepare_for_training, save_dtype
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, shutdown
+from mftcoder.train.evaluators import make_evaluators
 from mftcoder.train.metrics import MetricsLogger
 from mftcoder.train.plots import write_curves
 from mftcoder.train.run_folder import RunFolder
@@ -105,7 +106,6 @@ class Trainer:
         self.data: PreparedData = prepare_data(config, self.tokenizer, self.template)
         self.num_tasks = len(self.data.tasks)
         self.task_names = [t.name for t in self.data.tasks]
-        check_metric_name(config, self.task_names)
         task_weights = np.array(per_task_values("task_weights", config.task_weights, self.data.tasks))
         if task_weights.sum() <= 0:
             raise ConfigError("task_weights: at least one task needs a positive weight")
@@ -150,6 +150,9 @@ class Trainer:
         self.reader = SampleReader(self.data.per_task, self.tokenizer.pad_token_id, pad_to,
                                    packed=self.padding_mode == "pack")
         self.validation = Validation(config, self.data, self.reader, env, self.padding_mode)
+        self.evaluators = make_evaluators(config, self.validation, self.balancer, self.task_names, self.tokenizer, env,
+                                          self.output_dir, self.parallel.sharded)
+        check_metric_name(config, [name for evaluator in self.evaluators for name in evaluator.names])
         epoch_lengths = [len(self._epoch_steps(e)) for e in range(config.num_train_epochs)]  # packing varies a little
         self.steps_per_epoch = epoch_lengths[0]
         total = sum(epoch_lengths)
@@ -349,16 +352,15 @@ class Trainer:
 
     # --- evaluation and checkpoints -------------------------------------------------------------
     def evaluate(self, record: bool = True) -> dict | None:
-        """Validation loss overall (the training objective over the whole split) and per task (token mean)."""
-        batches = self.validation.batches()
-        if not batches:
+        """Every evaluator's metrics (validation loss, pass@1, ...), logged and, when recorded, ranked."""
+        metrics = {}
+        for evaluator in self.evaluators:
+            metrics.update(evaluator(self.runner, self.model, self.autocast, self.state.step))
+        if not metrics:
             return None
-        totals = self.validation.totals(self.runner, batches[:self.config.valid_iters or None], self.autocast)
-        metrics = {"loss": totals.objective(self.balancer.loss_mode, self.balancer.objective_weights())}
-        metrics.update({f"loss/{n}": float(v) for n, v in zip(self.task_names, totals.per_task_loss())})
         self.logger.log("eval", self.state.step, metrics)
         self.result.evaluations.append({"step": self.state.step, **metrics})
-        if record:
+        if record and self.config.metric_for_best_model in metrics:
             self._track_best(metrics)
         return metrics
 

@@ -29,6 +29,8 @@ class Validation:
         config = self.config
         plan = np.concatenate([np.stack([np.full(len(t.valid), t.task.id), t.valid], axis=1)
                                for t in self.data.per_task]).astype(np.int64)
+        if not len(plan):
+            return []
         if shuffle is not None:
             plan = plan[np.random.default_rng([config.seed, shuffle, 0xC0BA]).permutation(len(plan))]
         rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), self.padding_mode, config.seq_length,
