@@ -74,11 +74,13 @@ def test_pass_at_1_is_logged_with_every_completion(memorized):
     assert all(r["passed"] and r["completion"] == FUNCTIONS[r["task_id"]][1] + "\n" for r in last)
 
 
-def test_two_ranks_split_the_problems_and_sum_the_counts(memo, memorized, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_split_the_problems_and_sum_the_counts(memo, memorized, tmp_path, strategy):
     result, output_dir = memorized
     trained = output_dir / "checkpoint-40"  # writes all three answers correctly
     done = run_two_ranks(values(memo, tmp_path / "two", pretrained_model_path=str(trained), model_config=None,
-                                max_steps=1, evaluate_before_training=True, save_total_limit=None))
+                                max_steps=1, evaluate_before_training=True, save_total_limit=None,
+                                distributed_strategy=strategy))
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp_path / "two" / "generation_eval" / "step-0.jsonl").read_text().splitlines()]
     assert sorted(r["task_id"] for r in rows) == sorted(FUNCTIONS) and all(r["passed"] for r in rows)

@@ -74,7 +74,7 @@ class GenerationPassRate:
         padded = share + [self.problems[0]] * (rounds - len(share)) if self.sharded else share
         devices = [env.device] if env.device.type == "cuda" else []
         model.eval()
-        with torch.random.fork_rng(devices=devices), autocast:  # the training run's random stream is untouched
+        with torch.random.fork_rng(devices=devices), autocast, _gathered_root(runner if self.sharded else None):
             completions = generate_completions(model, self.tokenizer, padded, self.sampling, self.batch_size,
                                                progress=False, synced_gpus=self.sharded)[:len(share)]
         runner.train()
@@ -101,6 +101,21 @@ class GenerationPassRate:
             self.folder.mkdir(parents=True, exist_ok=True)
             with open(self.folder / f"step-{step}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+@contextlib.contextmanager
+def _gathered_root(runner: torch.nn.Module | None):
+    """FSDP2: the root unit's own parameters (embeddings, final norm, head) gathered while the model is called
+    directly (the decoder layers gather themselves); without FSDP, nothing."""
+    if runner is None:
+        yield
+        return
+    runner._get_fsdp_state()._lazy_init()  # as the root's first forward would: the layers are not roots themselves
+    runner.unshard()
+    try:
+        yield
+    finally:
+        runner.reshard()
 
 
 def make_evaluators(config: Config, validation: Validation, balancer: Balancer, task_names: list[str], tokenizer,
