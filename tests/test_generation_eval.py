@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mftcoder.cli import main
 from mftcoder.config import ConfigError, build_config
 from mftcoder.train.loop import train
 from test_distributed import run_two_ranks
@@ -109,3 +110,28 @@ def test_an_unknown_benchmark_metric_names_the_choices(memo, tmp_path):
     config = build_config(values(memo, tmp_path / "out", metric_for_best_model="pass@1/humaneval", max_steps=1))[0]
     with pytest.raises(ConfigError, match="choose from loss, loss/memo, pass@1, pass@1/problems"):
         train(config)
+
+
+def test_the_eval_command_scores_a_trained_checkpoint(memo, memorized, tmp_path, capsys):
+    _, output_dir = memorized
+    output = tmp_path / "results.jsonl"
+    assert main(["eval", "--model", str(output_dir / "checkpoint-40"), "--benchmark", str(memo / "problems.jsonl"),
+                 "--n", "3", "--k", "1,2", "--temperature", "0.1", "--max_new_tokens", "40",
+                 "--output", str(output)]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("pass@1 1.0000, pass@2 1.0000: 3 problem(s), 9 completion(s) (generation ")
+    rows = [json.loads(text) for text in output.read_text().splitlines()]
+    assert [(r["task_id"], r["sample"]) for r in rows] == [(name, i) for name in FUNCTIONS for i in range(3)]
+    assert all(r["passed"] and r["answer"].startswith("```python\n") for r in rows)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--completions", "x.jsonl", "--model", "m"], "give --model DIR"),
+    ([], "give --model DIR"),
+    (["--model", "m", "--k", "1,10"], "--k 10 needs at least that many samples per problem: --n 10"),
+    (["--model", "m", "--greedy", "--n", "4"], "--greedy: greedy decoding gives one completion per problem"),
+    (["--model", "m", "--k", "0"], "--k: expected positive integers"),
+])
+def test_eval_arguments_are_checked(arguments, message, capsys):
+    assert main(["eval", *arguments]) == 2
+    assert message in capsys.readouterr().err

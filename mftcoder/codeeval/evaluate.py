@@ -8,9 +8,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mftcoder.codeeval.problems import Problem, load_benchmark
+from mftcoder.codeeval.problems import Problem, benchmark_name, load_benchmark
 from mftcoder.codeeval.sandbox import Sandbox
 from mftcoder.codeeval.score import Completion, execute, read_completions, summarize, write_results
+from mftcoder.data.records import DataError
 from mftcoder.data.template import saved_template
 from mftcoder.infer import Sampling, generate, prompt_ids
 
@@ -55,6 +56,9 @@ def run_eval(benchmarks: list[str], ks: list[int], sandbox: Sandbox, output: Pat
              limit: int = 0, workers: int | None = None) -> Report:
     """Score a model's completions (or those of completions_file) on the benchmarks; writes every completion with
     its verdict to `output` (JSONL) and the summary next to it (.summary.json)."""
+    names = [benchmark_name(name) for name in benchmarks]
+    if len(set(names)) < len(names):
+        raise DataError(f"--benchmark: two benchmarks share a name ({', '.join(names)}); each counts once")
     problems = [p for name in benchmarks for p in (load_benchmark(name)[:limit] if limit else load_benchmark(name))]
     seconds = {}
     started = time.perf_counter()
