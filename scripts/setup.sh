@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
-.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,qlora,plot]"
+.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,qlora,plot,eval]"
