@@ -103,7 +103,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mftcoder.codeeval.evaluate import run_eval
+    from mftcoder.codeeval.evaluate import load_problems, run_eval
     from mftcoder.codeeval.sandbox import Limits, Sandbox, SandboxError
     from mftcoder.infer import Sampling, load
 
@@ -113,6 +113,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     n = 1 if args.greedy else args.n
     if args.greedy and args.n != 1:
         raise ConfigError("--greedy: greedy decoding gives one completion per problem; drop --n or sample")
+    if args.completions and args.limit:
+        raise ConfigError("--limit chooses the problems to generate for; to score part of a completions file, "
+                          "pass a file that holds only those completions")
     if args.model and max(ks) > n:
         raise ConfigError(f"--k {max(ks)} needs at least that many samples per problem: --n {max(ks)}")
     try:
@@ -121,6 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     benchmarks = args.benchmark or ["humaneval"]
+    problems = load_problems(benchmarks, args.limit or 0)  # a bad problem file stops here, before the model loads
     model = tokenizer = sampling = None
     if args.model:
         model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
@@ -129,12 +133,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     default = Path(args.completions).with_name(Path(args.completions).stem + "_results.jsonl") if args.completions \
         else Path(f"eval-{'-'.join(Path(b).stem for b in benchmarks)}.jsonl")
     output = Path(args.output) if args.output else default
-    report = run_eval(benchmarks, ks, sandbox, output, model=model, tokenizer=tokenizer, sampling=sampling,
+    report = run_eval(problems, ks, sandbox, output, model=model, tokenizer=tokenizer, sampling=sampling,
                       batch_size=args.batch_size, completions_file=Path(args.completions) if args.completions else None,
-                      limit=args.limit, workers=args.workers)
+                      workers=args.workers)
     print(report.line())
+    missing = [k for k in ks if f"pass@{k}" not in report.metrics]
+    if missing:
+        print(f"note: no pass@{', pass@'.join(map(str, missing))}: some problem has fewer completions than that")
     print(f"sandbox: {sandbox.describe()}; every completion with its verdict: {output}")
     return 0
+
+
+def _positive(kind: type):
+    """An argparse type: a number of `kind` above zero."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
 
 
 def _int_list(option: str, text: str) -> list[int]:
@@ -197,17 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--benchmark", action="append", help="'humaneval' (default) or a JSONL file of problems with "
                           "tests (docs/eval.md); repeat for several")
     evaluate.add_argument("--k", default="1", help="pass@k for these k, e.g. 1,10 (each at most --n)")
-    evaluate.add_argument("--n", type=int, default=1, help="completions sampled per problem")
+    evaluate.add_argument("--n", type=_positive(int), default=1, help="completions sampled per problem")
     evaluate.add_argument("--greedy", action="store_true", help="greedy decoding (one completion per problem)")
     evaluate.add_argument("--temperature", type=float, default=0.1, help="sampling temperature (the reference's advice)")
     evaluate.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling (the reference's advice)")
-    evaluate.add_argument("--max_new_tokens", type=int, default=512)
-    evaluate.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch")
+    evaluate.add_argument("--max_new_tokens", type=_positive(int), default=512)
+    evaluate.add_argument("--batch_size", type=_positive(int), default=8, help="prompts per generation batch")
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--limit", type=int, default=0, help="only the first N problems of each benchmark")
-    evaluate.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run")
-    evaluate.add_argument("--memory_gb", type=float, default=2.0, help="address-space limit of each program")
-    evaluate.add_argument("--workers", type=int, help="programs run at once (default and maximum: the cores)")
+    evaluate.add_argument("--limit", type=_positive(int), help="only the first N problems of each benchmark")
+    evaluate.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds each program may run")
+    evaluate.add_argument("--memory_gb", type=_positive(float), default=2.0, help="address-space limit of each program")
+    evaluate.add_argument("--workers", type=_positive(int), help="programs run at once (default and maximum: the cores)")
     evaluate.add_argument("--isolation", choices=("auto", "namespaces", "process"), default="auto",
                           help="sandbox: own PID/mount/network namespaces (when available) or own process group")
     evaluate.add_argument("--output", help="JSONL of every completion with its verdict (default: eval-<benchmark>.jsonl, "

@@ -123,3 +123,16 @@ def test_verdicts_equal_human_evals_own_evaluator(tmp_path):
     assert summary["problems"] == 164 and summary["completions"] == len(samples)
     # 156 problems 1/1; HumanEval/0 1 of 6 (4 broken, a loop); HumanEval/1 2 of 6; HumanEval/2-7 1 of 5 each
     assert summary["metrics"]["pass@1"] == pytest.approx((156 + 1 / 6 + 2 / 6 + 6 / 5) / 164)
+
+
+def test_a_completions_file_with_unknown_problems_is_refused_line_by_line(tmp_path, capsys):
+    path = tmp_path / "samples.jsonl"
+    lines = [{"task_id": f"HumanEval/{i}", "completion": "    return 1\n"} for i in range(2)]
+    lines += [{"task_id": f"Other/{i}", "completion": "pass"} for i in range(25)] + [{"task_id": "HumanEval/0"}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["eval", "--completions", str(path)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors[0] == f"error: {path}:3: task_id 'Other/0' is not a problem of this benchmark"
+    assert errors[19] == f"{path}:22: task_id 'Other/19' is not a problem of this benchmark"
+    assert errors[20:] == ["... and 6 more", f"26 bad completion record(s) in {path}"]
+    assert not (tmp_path / "samples_results.jsonl").exists()

@@ -131,6 +131,7 @@ def test_the_eval_command_scores_a_trained_checkpoint(memo, memorized, tmp_path,
     (["--model", "m", "--k", "1,10"], "--k 10 needs at least that many samples per problem: --n 10"),
     (["--model", "m", "--greedy", "--n", "4"], "--greedy: greedy decoding gives one completion per problem"),
     (["--model", "m", "--k", "0"], "--k: expected positive integers"),
+    (["--completions", "x.jsonl", "--limit", "3"], "--limit chooses the problems to generate for"),
 ])
 def test_eval_arguments_are_checked(arguments, message, capsys):
     assert main(["eval", *arguments]) == 2

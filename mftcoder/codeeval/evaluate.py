@@ -51,15 +51,19 @@ class Report:
         return f"{scores or 'no pass@k'}: {self.problems} problem(s), {self.samples} completion(s) ({times})"
 
 
-def run_eval(benchmarks: list[str], ks: list[int], sandbox: Sandbox, output: Path, *, model=None, tokenizer=None,
-             sampling: Sampling | None = None, batch_size: int = 8, completions_file: Path | None = None,
-             limit: int = 0, workers: int | None = None) -> Report:
-    """Score a model's completions (or those of completions_file) on the benchmarks; writes every completion with
-    its verdict to `output` (JSONL) and the summary next to it (.summary.json)."""
+def load_problems(benchmarks: list[str], limit: int = 0) -> list[Problem]:
+    """The problems of each benchmark (the first `limit` of each when limit > 0); names must differ."""
     names = [benchmark_name(name) for name in benchmarks]
     if len(set(names)) < len(names):
         raise DataError(f"--benchmark: two benchmarks share a name ({', '.join(names)}); each counts once")
-    problems = [p for name in benchmarks for p in (load_benchmark(name)[:limit] if limit else load_benchmark(name))]
+    return [p for name in benchmarks for p in load_benchmark(name)[:limit or None]]
+
+
+def run_eval(problems: list[Problem], ks: list[int], sandbox: Sandbox, output: Path, *, model=None, tokenizer=None,
+             sampling: Sampling | None = None, batch_size: int = 8, completions_file: Path | None = None,
+             workers: int | None = None) -> Report:
+    """Score a model's completions (or those of completions_file) on the problems; writes every completion with
+    its verdict to `output` (JSONL) and the summary next to it (.summary.json)."""
     seconds = {}
     started = time.perf_counter()
     if completions_file is not None:
@@ -74,7 +78,7 @@ def run_eval(benchmarks: list[str], ks: list[int], sandbox: Sandbox, output: Pat
     report = Report(rows, summarize(rows, ks), attempted, len(rows), seconds)
     write_results(output, rows)
     summary = {"metrics": report.metrics, "problems": report.problems, "completions": report.samples,
-               "seconds": seconds, "benchmarks": benchmarks, "sandbox": sandbox.describe(),
-               "sampling": vars(sampling) if sampling else None}
+               "seconds": seconds, "benchmarks": sorted({p.benchmark for p in problems}),
+               "sandbox": sandbox.describe(), "sampling": vars(sampling) if sampling else None}
     output.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return report

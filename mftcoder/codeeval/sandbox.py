@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -166,7 +166,3 @@ def run_all(sandbox: Sandbox, programs: list[str], workers: int | None = None, p
             return verdict
 
         return list(pool.map(one, programs))
-
-
-def as_record(verdict: Verdict) -> dict:
-    return asdict(verdict)

@@ -12,6 +12,7 @@ from typing import Callable, Iterator, TypeVar
 ROLE_NAMES = {"system": "system", "human": "human", "bot": "bot", "user": "human", "assistant": "bot"}
 MAX_RECORD_BYTES = 32 * 1024 * 1024
 T = TypeVar("T")
+SHOWN_ERRORS = 20  # read_jsonl lists this many bad lines, then counts the rest
 
 
 def _shown(text: str, limit: int = 40) -> str:
@@ -155,8 +156,8 @@ def record_turns(obj: dict, prompt_only: bool = False) -> tuple[Turn, ...]:
 
 
 def read_jsonl(path: Path, convert: Callable[[dict, int], T], what: str = "record") -> list[T]:
-    """convert(record, line number) for every line of a JSONL file; all bad lines are reported together as
-    file:line: reason (convert raises BadRecord), and then nothing is returned."""
+    """convert(record, line number) for every line of a JSONL file; the bad lines are reported together as
+    file:line: reason (convert raises BadRecord; the first 20, then a count), and then nothing is returned."""
     items, errors = [], []
     for number, text in read_lines(path):
         try:
@@ -166,7 +167,8 @@ def read_jsonl(path: Path, convert: Callable[[dict, int], T], what: str = "recor
         except BadRecord as exc:
             errors.append(f"{path}:{number}: {exc}")
     if errors:
-        raise DataError("\n".join(errors) + f"\n{len(errors)} bad {what} record(s) in {path}")
+        shown = errors[:SHOWN_ERRORS] + ([f"... and {len(errors) - SHOWN_ERRORS} more"] if len(errors) > SHOWN_ERRORS else [])
+        raise DataError("\n".join(shown) + f"\n{len(errors)} bad {what} record(s) in {path}")
     return items
 
 
