@@ -115,3 +115,12 @@ def test_files_and_output_are_size_limited(sandbox):
                                          ADD.program(body("print('y' * (4 << 20))", "return a + b"))], progress=False)
     assert (written.passed, written.error) == (False, "OSError: [Errno 27] File too large")
     assert (printed.passed, printed.error) == (False, "OSError: [Errno 27] File too large")
+
+
+def test_the_process_limit_holds_even_for_root(sandbox):
+    # As root the program runs as nobody, so RLIMIT_NPROC applies. Bounded: 200 forks at most even without it.
+    limited = Sandbox(Limits(timeout=5, processes=16), "namespaces" if sandbox.namespaces else "process")
+    code = body("import os, time", "for _ in range(200):", "    if os.fork() == 0:", "        time.sleep(60)",
+                "        os._exit(0)", "return a + b")
+    verdict = limited.run(ADD.program(code))
+    assert (verdict.passed, verdict.error) == (False, "BlockingIOError: [Errno 11] Resource temporarily unavailable")

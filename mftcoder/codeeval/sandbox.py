@@ -102,9 +102,9 @@ class Sandbox:
                 settings["report_fd"] = report.fileno()
                 command = [*(NAMESPACES if self.namespaces else []), sys.executable, "-I", str(CHILD),
                            json.dumps(settings)]
-                process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                           pass_fds=(report.fileno(),), start_new_session=True, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                                           cwd="/")
+                process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd="/",
+                                           pass_fds=(report.fileno(),), start_new_session=True,
+                                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
                 timed_out = _feed_and_wait(process, program, limits.timeout)
             report_lines = (scratch / "report").read_text().split()
             stderr = (scratch / "err").read_bytes()[-8192:].decode("utf-8", "replace")

@@ -50,11 +50,25 @@ def readable_python() -> None:
                 break
 
 
-def limit(settings: dict) -> None:
-    cpu = settings["cpu_seconds"]
-    for name, value in (("RLIMIT_CPU", cpu), ("RLIMIT_AS", settings["memory_bytes"]),
+def tasks_of(uid: int) -> int:
+    """Processes and threads the user runs now: RLIMIT_NPROC counts them all, so the program's allowance comes on top."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            if int(status["Uid"].split()[0]) == uid:
+                count += int(status["Threads"])
+        except (OSError, KeyError, ValueError):
+            continue
+    return count
+
+
+def limit(settings: dict, uid: int) -> None:
+    processes = settings["processes"] + tasks_of(uid)
+    for name, value in (("RLIMIT_CPU", settings["cpu_seconds"]), ("RLIMIT_AS", settings["memory_bytes"]),
                         ("RLIMIT_FSIZE", settings["file_bytes"]), ("RLIMIT_NOFILE", settings["open_files"]),
-                        ("RLIMIT_NPROC", settings["processes"]), ("RLIMIT_CORE", 0)):
+                        ("RLIMIT_NPROC", processes), ("RLIMIT_CORE", 0)):
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
@@ -73,7 +87,7 @@ def main() -> None:
     if as_root:
         os.chown(workdir, NOBODY, NOBODY)
     os.chdir(workdir)
-    limit(settings)
+    limit(settings, NOBODY if as_root else os.getuid())
     if as_root:  # no privileges: other users' files and processes are out of reach, RLIMIT_NPROC applies
         os.setgroups([])
         os.setgid(NOBODY)
