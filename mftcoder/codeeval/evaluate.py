@@ -51,11 +51,12 @@ class Report:
         return f"{scores or 'no pass@k'}: {self.problems} problem(s), {self.samples} completion(s) ({times})"
 
 
-def load_problems(benchmarks: list[str], limit: int = 0) -> list[Problem]:
-    """The problems of each benchmark (the first `limit` of each when limit > 0); names must differ."""
+def load_problems(benchmarks: list[str], limit: int = 0, key: str = "--benchmark") -> list[Problem]:
+    """The problems of each benchmark (the first `limit` of each when limit > 0); their names (a file's name
+    without .jsonl) must differ, since each names its pass@k."""
     names = [benchmark_name(name) for name in benchmarks]
     if len(set(names)) < len(names):
-        raise DataError(f"--benchmark: two benchmarks share a name ({', '.join(names)}); each counts once")
+        raise DataError(f"{key}: two benchmarks share a name ({', '.join(names)}); each names its own pass@k")
     return [p for name in benchmarks for p in load_benchmark(name)[:limit or None]]
 
 

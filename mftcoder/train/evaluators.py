@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from mftcoder.balance import Balancer
-from mftcoder.config import Config, ConfigError
+from mftcoder.config import Config
 from mftcoder.train.distributed import DistEnv
 from mftcoder.train.validation import Validation
 
@@ -46,17 +46,15 @@ class GenerationPassRate:
     and verdicts go to output_dir/generation_eval/step-N.jsonl."""
 
     def __init__(self, config: Config, tokenizer, env: DistEnv, output_dir: Path, sharded: bool):
-        from mftcoder.codeeval.problems import benchmark_name, load_benchmark
+        from mftcoder.codeeval.evaluate import load_problems
+        from mftcoder.codeeval.problems import benchmark_name
         from mftcoder.codeeval.sandbox import Limits, Sandbox
         from mftcoder.infer import Sampling
 
-        limit = None if config.generation_eval_problems == -1 else config.generation_eval_problems
+        limit = max(0, config.generation_eval_problems)  # -1: all
+        self.problems = load_problems(config.generation_eval, limit, key="generation_eval")
         self.benchmarks = [benchmark_name(name) for name in config.generation_eval]
-        if len(set(self.benchmarks)) < len(self.benchmarks):
-            raise ConfigError(f"generation_eval: two benchmarks share a name ({', '.join(self.benchmarks)}); "
-                              "each file's name (without .jsonl) names its pass@1")
         self.names = ["pass@1", *(f"pass@1/{name}" for name in self.benchmarks)]
-        self.problems = [p for name in config.generation_eval for p in load_benchmark(name)[:limit]]
         self.sandbox = Sandbox(Limits(timeout=config.generation_eval_timeout))
         self.sampling = Sampling(max_new_tokens=config.generation_eval_max_new_tokens)
         self.tokenizer, self.env, self.sharded = tokenizer, env, sharded
