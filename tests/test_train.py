@@ -234,8 +234,8 @@ def test_resume_on_changed_data_is_refused(small_tasks, tmp_path):
 
 
 def test_an_unknown_best_model_metric_is_refused_before_training(small_tasks, tmp_path):
-    with pytest.raises(ConfigError, match=r"metric_for_best_model: 'loss/code_generaton' is not a validation "
-                                          r"metric; choose from loss, loss/code_docstring, loss/code_generation"):
+    with pytest.raises(ConfigError, match=r"metric_for_best_model: 'loss/code_generaton' is not a metric of "
+                                          r"this run; choose from loss, loss/code_docstring, loss/code_generation"):
         Trainer(make_config(small_tasks, tmp_path, metric_for_best_model="loss/code_generaton"), DistEnv())
     assert not list(tmp_path.glob("checkpoint-*"))
 
