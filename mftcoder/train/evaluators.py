@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from mftcoder.balance import Balancer
-from mftcoder.config import Config
+from mftcoder.config import Config, ConfigError
 from mftcoder.train.distributed import DistEnv
 from mftcoder.train.validation import Validation
 
@@ -48,14 +48,17 @@ class GenerationPassRate:
     def __init__(self, config: Config, tokenizer, env: DistEnv, output_dir: Path, sharded: bool):
         from mftcoder.codeeval.evaluate import load_problems
         from mftcoder.codeeval.problems import benchmark_name
-        from mftcoder.codeeval.sandbox import Limits, Sandbox
+        from mftcoder.codeeval.sandbox import Limits, Sandbox, SandboxError
         from mftcoder.infer import Sampling
 
         limit = max(0, config.generation_eval_problems)  # -1: all
         self.problems = load_problems(config.generation_eval, limit, key="generation_eval")
         self.benchmarks = [benchmark_name(name) for name in config.generation_eval]
         self.names = ["pass@1", *(f"pass@1/{name}" for name in self.benchmarks)]
-        self.sandbox = Sandbox(Limits(timeout=config.generation_eval_timeout))
+        try:
+            self.sandbox = Sandbox(Limits(timeout=config.generation_eval_timeout))
+        except SandboxError as exc:
+            raise ConfigError(f"generation_eval: {exc}") from None
         self.sampling = Sampling(max_new_tokens=config.generation_eval_max_new_tokens)
         self.tokenizer, self.env, self.sharded = tokenizer, env, sharded
         self.batch_size, self.folder = config.generation_eval_batch_size, output_dir / "generation_eval"
