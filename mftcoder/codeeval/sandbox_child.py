@@ -33,15 +33,21 @@ def private_tmp(size: str) -> None:
             mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=1777")
 
 
-def readable_python() -> None:
+def python_directories() -> dict[str, int]:
+    """Open Python's installation and environment folders (before /tmp is covered: a venv may live there)."""
+    return {prefix: os.open(prefix, os.O_RDONLY | os.O_DIRECTORY) for prefix in sorted({sys.base_prefix, sys.prefix})}
+
+
+def readable_python(opened: dict[str, int]) -> None:
     """Python's own files, read-only at a path anyone can reach (an interpreter under /root is out of reach of the
-    unprivileged user otherwise), and sys.path pointed there."""
+    unprivileged user, one under /tmp is covered by the private tmpfs), and sys.path pointed there."""
     moved = {}
-    for i, prefix in enumerate(sorted({sys.base_prefix, sys.prefix})):
+    for i, (prefix, fd) in enumerate(opened.items()):
         target = f"/tmp/.python-{i}"
         os.mkdir(target, 0o755)
-        mount(prefix, target, None, MS_BIND | MS_REC)
+        mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
         mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        os.close(fd)
         moved[prefix] = target
     for i, entry in enumerate(sys.path):
         for prefix, target in moved.items():
@@ -79,8 +85,9 @@ def main() -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     if settings["private_tmp"]:
+        opened = python_directories()
         private_tmp(settings["tmp_size"])
-        readable_python()
+        readable_python(opened)
     workdir = settings["workdir"]
     os.makedirs(workdir, mode=0o700, exist_ok=True)
     as_root = os.geteuid() == 0
