@@ -57,6 +57,11 @@ TOTAL = Problem("t/0", "toy", (Turn("human", "sum"),), "def check(f):\n    asser
     ("```python\nresult = sum(xs)\nreturn result\n```", "    result = sum(xs)\n    return result\n"),
     # An indented body without a fence: cut where the function ends.
     ("    return sum(xs)\n\nprint(total([1, 2]))\n", "    return sum(xs)\n\n"),
+    # Code first, then a lone closing fence: the code before it.
+    ("def total(xs):\n    return sum(xs)\n```\n", "\ndef total(xs):\n    return sum(xs)\n"),
+    ("def total(xs):\n    return sum(xs)\n```", "\ndef total(xs):\n    return sum(xs)\n"),
+    # Prose, then a bare fence that opens a block.
+    ("Here it is:\n```\ndef total(xs):\n    return sum(xs)\n```\nDone.", "\ndef total(xs):\n    return sum(xs)\n"),
     # A fence that never closed (the answer hit max_new_tokens): its code so far.
     ("```python\ndef total(xs):\n    return sum(", "\ndef total(xs):\n    return sum(\n"),
 ])

@@ -49,6 +49,12 @@ class Problem:
 
 
 def code_of(answer: str) -> str:
+    """The code of an answer: its first fenced block; or, when the answer opens with code and has a lone fence
+    that only closes (an odd number of bare fences), the text before that fence; else the whole answer."""
+    first = answer.find("```")
+    bare = first >= 0 and not re.match(r"```[ \t]*[A-Za-z]", answer[first:])
+    if bare and answer[:first].strip() and answer.count("```") % 2 == 1:
+        return answer[:first].rstrip() + "\n"
     match = FENCE.search(answer)
     return match.group(1) if match else answer
 
