@@ -90,6 +90,7 @@ class Sandbox:
         limits, started = self.limits, time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="mftcoder-sandbox-") as scratch:
             scratch = Path(scratch)
+            scratch.chmod(0o711)  # without namespaces the work dir is in here: nobody must be able to pass through
             workdir = "/tmp/work" if self.namespaces else str(scratch / "work")
             settings = {"private_tmp": self.namespaces, "tmp_size": limits.tmp_size, "workdir": workdir,
                         "cpu_seconds": math.ceil(limits.timeout) + 1, "memory_bytes": limits.memory_bytes,
