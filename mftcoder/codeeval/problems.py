@@ -39,8 +39,8 @@ class Problem:
         return self.code_prefix + completion + "\n" + self.test + "\n" + check
 
     def completion(self, answer: str) -> str:
-        """The model's answer as a completion: its code (the first fenced block, else all of it), the definitions
-        only (examples and prints after the function dropped); a function body is cut where the function ends."""
+        """The model's answer as a completion: its code (`code_of`), the definitions only (examples and prints after
+        the function dropped); a function body is cut where the function ends."""
         code = code_of(answer)
         defines = self.entry_point and re.search(rf"^(async\s+)?def\s+{re.escape(self.entry_point)}\s*\(", code, re.M)
         if self.code_prefix and not defines:

@@ -42,8 +42,8 @@ class ValidationLoss:
 
 class GenerationPassRate:
     """pass@1 of greedy completions for the first `generation_eval_problems` problems of each benchmark, executed in
-    the sandbox; every rank takes its share of the problems and the counts are summed. Each evaluation's completions
-    and verdicts go to output_dir/generation_eval/step-N.jsonl."""
+    the sandbox; every rank takes its share of the problems, then all ranks score the gathered results. Each
+    evaluation's completions and verdicts go to output_dir/generation_eval/step-N.jsonl."""
 
     def __init__(self, config: Config, tokenizer, env: DistEnv, output_dir: Path, sharded: bool):
         from mftcoder.codeeval.evaluate import load_problems
@@ -53,8 +53,7 @@ class GenerationPassRate:
 
         limit = max(0, config.generation_eval_problems)  # -1: all
         self.problems = load_problems(config.generation_eval, limit, key="generation_eval")
-        self.benchmarks = [benchmark_name(name) for name in config.generation_eval]
-        self.names = ["pass@1", *(f"pass@1/{name}" for name in self.benchmarks)]
+        self.names = ["pass@1", *(f"pass@1/{benchmark_name(name)}" for name in config.generation_eval)]
         try:
             self.sandbox = Sandbox(Limits(timeout=config.generation_eval_timeout))
         except SandboxError as exc:
@@ -65,7 +64,7 @@ class GenerationPassRate:
 
     def __call__(self, runner, model, autocast, step) -> dict[str, float]:
         from mftcoder.codeeval.evaluate import generate_completions
-        from mftcoder.codeeval.score import execute
+        from mftcoder.codeeval.score import execute, summarize
 
         env = self.env
         share = self.problems[env.rank::env.world_size]
@@ -79,29 +78,22 @@ class GenerationPassRate:
             completions = generate_completions(model, self.tokenizer, padded, self.sampling, self.batch_size,
                                                progress=False, synced_gpus=self.sharded)[:len(share)]
         runner.train()
-        rows = execute(completions, self.sandbox, progress=False)
-        counts = torch.zeros(len(self.benchmarks), 2, dtype=torch.float64)
-        for row in rows:
-            counts[self.benchmarks.index(row["benchmark"])] += torch.tensor([float(row["passed"]), 1.0])
-        counts = env.all_reduce_sum(counts)
-        self._write(rows, step)
-        metrics = {"pass@1": float(counts[:, 0].sum() / counts[:, 1].sum())}
-        metrics.update({f"pass@1/{name}": float(passed / total) for name, (passed, total) in
-                        zip(self.benchmarks, counts.tolist())})
-        return metrics
-
-    def _write(self, rows: list[dict], step: int) -> None:
-        """Every rank's rows, in one file written by the main process."""
-        if self.env.distributed:
-            import torch.distributed as dist
-
-            gathered: list = [None] * self.env.world_size
-            dist.all_gather_object(gathered, rows)  # plain dicts this run produced
-            rows = [row for part in gathered for row in part]
-        if self.env.is_main:
+        rows = self._gathered(execute(completions, self.sandbox, progress=False))
+        if env.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
             with open(self.folder / f"step-{step}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        return summarize(rows, [1])
+
+    def _gathered(self, rows: list[dict]) -> list[dict]:
+        """Every rank's result rows, on every rank."""
+        if not self.env.distributed:
+            return rows
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.env.world_size
+        dist.all_gather_object(gathered, rows)  # plain dicts this run produced
+        return [row for part in gathered for row in part]
 
 
 @contextlib.contextmanager
