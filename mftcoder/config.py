@@ -121,7 +121,8 @@ class Config:
     bf16: bool | None = opt(None, "bf16 autocast: null = on when a GPU supports it, off on CPU.", section="model")
     fp16: bool = opt(False, "fp16 is not supported (use bf16); only false is accepted.", section="model")
     tp: int = opt(1, "Tensor-parallel size; only 1 is supported (as in the reference).", section="model", valid=Range(1, 1))
-    distributed_strategy: str = opt("ddp", "Under torchrun: 'ddp' (replicas) or 'fsdp' (FSDP2: parameters, gradients and optimizer state sharded per decoder layer).", ("ddp", "fsdp"), section="model")
+    distributed_strategy: str = opt("ddp", "Under torchrun: 'ddp' (replicas), 'fsdp' (FSDP2: parameters, gradients and optimizer state sharded per decoder layer) or 'atorch' (ATorch's auto_accelerate with atorch_strategy; bash scripts/setup.sh atorch).", ("ddp", "fsdp", "atorch"), section="model")
+    atorch_strategy: list[Any] | None = opt(None, "distributed_strategy: atorch: ATorch's load_strategy, entries 'name' or [name, config]: parallel_mode, zero1, checkpoint (CPU and GPU); fsdp, zero2, [amp_native, {dtype: bf16}] (GPU). Layer classes by name (default: the model's decoder layers). null: [parallel_mode, fsdp, [amp_native, {dtype: bf16}], checkpoint] on GPU, [parallel_mode] on CPU.", section="model")
     dp: int | None = opt(None, "Data-parallel size (the reference's launchers pass it); must equal the number of processes.", section="model", valid=POSITIVE_INT)
 
     # --- optimisation -------------------------------------------------------------------------
@@ -243,6 +244,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[-1])
+    if tp is Any:  # plain data, checked where it is used (atorch_strategy)
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -277,8 +280,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if origin is list:
         (item_type,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = _parse_list_string(key, value)
+        if isinstance(value, str):  # a flow list from the command line; nested plain data is read as YAML
+            value = _yaml(value) if item_type is Any else _parse_list_string(key, value)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
@@ -427,6 +430,13 @@ def validate(config: Config, given: set[str]) -> list[str]:
     if config.quantization and config.distributed_strategy == "fsdp":
         raise ConfigError(f"quantization: {config.quantization} is not supported with distributed_strategy: fsdp "
                           "(sharding bitsandbytes weights); use distributed_strategy: ddp")
+    if config.distributed_strategy == "atorch" and config.atorch_strategy is not None:
+        from mftcoder.train.atorch_engine import parse_strategy
+
+        parse_strategy(config.atorch_strategy)
+    elif config.atorch_strategy is not None:
+        raise ConfigError(f"atorch_strategy: read only with distributed_strategy: atorch (this run has "
+                          f"{config.distributed_strategy})")
     split_fractions(config.data_split)
     if not config.load_raw_dataset:
         raise ConfigError("load_raw_dataset: only raw JSONL input is supported; set it to true (or leave it out)")

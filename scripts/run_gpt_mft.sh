@@ -3,6 +3,8 @@
 # Environment (as in the reference): DATA_PATHS="[dir1,dir2]", MODEL_NAME_OR_PATH (a local HF model;
 # unset: a random-initialised tiny GPT-NeoX), OUTPUT_DIR, TensorBoard_DIR. MFTCODER_ARGS adds key=value
 # overrides (e.g. "seq_length=1024 max_steps=100"). DP > 1 starts DP processes with torchrun.
+# ENGINE picks the engine as in the reference: ddp (default), fsdp, or atorch (ATorch's auto_accelerate; install it
+# with `bash scripts/setup.sh atorch`); ATORCH_STRATEGY sets its strategy list, e.g. "[parallel_mode, zero1]".
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 if [ "$#" -ne 4 ]; then
@@ -27,6 +29,8 @@ if [ -n "${MODEL_NAME_OR_PATH:-}" ]; then
 else
   args+=("model_config=tiny-demo")
 fi
+[ -n "${ENGINE:-}" ] && args+=("distributed_strategy=$ENGINE")
+[ -n "${ATORCH_STRATEGY:-}" ] && args+=("atorch_strategy=$ATORCH_STRATEGY")
 [ -n "${PEFT_TYPE:-}" ] && args+=("peft_type=$PEFT_TYPE" "learning_rate=${LORA_LEARNING_RATE:-2e-4}" "min_lr=2e-5")
 # shellcheck disable=SC2206  # MFTCODER_ARGS is a space-separated list of key=value overrides
 args+=(${MFTCODER_ARGS:-})

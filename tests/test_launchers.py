@@ -14,15 +14,16 @@ from safetensors.torch import load_file
 
 from mftcoder.config import load_config
 from mftcoder.train.loop import train
+from test_atorch import needs_atorch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ("model_config=tiny-test seq_length=64 max_steps=2 evaluation_steps=2 checkpointing_steps=2 "
         "num_warmup_steps=0 checkpoint_activations=false valid_iters=1 log_interval=1")
 
 
-def launch(script: str, args: list[str], tmp_path: Path, extra: str = "") -> subprocess.CompletedProcess:
+def launch(script: str, args: list[str], tmp_path: Path, extra: str = "", **variables: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OUTPUT_DIR": str(tmp_path / "out"), "PYTHON": sys.executable,
-           "MFTCODER_ARGS": f"{FAST} data_cache_dir={tmp_path / 'cache'} {extra}"}
+           "MFTCODER_ARGS": f"{FAST} data_cache_dir={tmp_path / 'cache'} {extra}", **variables}
     return subprocess.run(["bash", str(ROOT / "scripts" / script), *args], env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -87,3 +88,17 @@ def test_lora_launcher_with_two_processes(tmp_path):
                                              "num_train_epochs=1", "peft_type=lora", "learning_rate=2e-4",
                                              "min_lr=2e-5", "adam_epsilon=1e-5", "lora_dropout=0", f"data_paths={config['data_paths']}"])
     assert losses == pytest.approx(direct.step_losses, rel=1e-5) and len(losses) == 2
+
+
+
+@needs_atorch
+def test_engine_atorch_reaches_the_run(tmp_path):
+    # ENGINE and ATORCH_STRATEGY as the reference's launchers take them; the checkpoint records what ran.
+    done = launch("run_gpt_mft.sh", ["2", "1", "2", "1"], tmp_path, ENGINE="atorch",
+                  ATORCH_STRATEGY="[parallel_mode, zero1]")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[1] zero1" in (tmp_path / "out" / "master-0-output.txt").read_text()  # ATorch's own strategy log
+    config, losses = saved_run(tmp_path / "out", 2)
+    assert (config["distributed_strategy"], config["atorch_strategy"], config["dp"]) == \
+        ("atorch", ["parallel_mode", "zero1"], 2)
+    assert len(losses) == 2

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mftcoder.config import ConfigError
@@ -226,6 +227,10 @@ def save_model(model: torch.nn.Module, directory: Path, state: dict | None, dtyp
     `dtype` is narrower than the training weights, RESUME_DIR/weights keeps them exactly, for an exact resume."""
     if hasattr(model, "get_base_model") or dtype is None:
         model.save_pretrained(directory, state_dict=state) if state is not None else model.save_pretrained(directory)
+        adapter = directory / "adapter_model.safetensors"
+        if adapter.is_file() and not safe_open(adapter, "pt").keys():  # PEFT finds the adapter by module names
+            raise RuntimeError(f"the LoRA adapter saved to {adapter} is empty: PEFT found no adapter weights under the "
+                               "model's module names (a wrapper renamed them)")
         return
     state = state if state is not None else model.state_dict()
     if any(t.is_floating_point() and t.dtype != dtype for t in state.values()) and dtype != torch.float32:

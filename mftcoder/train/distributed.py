@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mftcoder.config import ConfigError
+from mftcoder.config import Config, ConfigError
 
 
 @dataclass
@@ -60,48 +60,35 @@ def init_distributed() -> DistEnv:
 
 def shutdown(env: DistEnv) -> None:
     """Leave the process group cleanly (a barrier first avoids an abort at exit seen under gloo)."""
-    if env.distributed and dist.is_initialized():
-        dist.barrier()
+    if dist.is_initialized():  # also a group of one that an engine started (ATorch needs one)
+        env.barrier()
         dist.destroy_process_group()
 
 
 class Parallelism:
-    """How the model is spread over ranks (none, DDP or FSDP2), and how its state is saved and restored."""
+    """The engine interface, and the plain case: one process, no wrapping. An engine wraps the runner and builds the
+    optimizer (`prepare`), syncs gradients, clips them, and gathers model and optimizer state for checkpoints."""
 
-    def __init__(self, env: DistEnv, strategy: str = "ddp", bf16: bool = False):
+    sharded = False  # whether each rank holds only a shard of the weights (saving then gathers them)
+
+    def __init__(self, env: DistEnv, bf16: bool = False):
         self.env = env
-        self.strategy = strategy if env.distributed else "none"
         self.bf16 = bf16
 
-    @property
-    def sharded(self) -> bool:
-        return self.strategy == "fsdp"
+    def prepare(self, runner: torch.nn.Module, model: torch.nn.Module, optimizer: OptimizerSpec,
+                around_shard: Callable[[torch.nn.Module, Callable], None] | None = None
+                ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The runner as trained (wrapped for this engine) and its optimizer. `around_shard` (FSDP), if given, is
+        called as around_shard(unit, shard) for each unit sharded and must call shard(unit)."""
+        return self.wrap(runner, model, around_shard), optimizer.build(model)
 
     def wrap(self, runner: torch.nn.Module, model: torch.nn.Module,
              around_shard: Callable[[torch.nn.Module, Callable], None] | None = None) -> torch.nn.Module:
-        """DDP around the runner, or FSDP2: each decoder layer sharded on its own, then the root. `around_shard`
-        (FSDP), if given, is called as around_shard(unit, shard) for each of them and must call shard(unit)."""
-        if self.strategy == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            return DistributedDataParallel(runner, device_ids=device_ids)
-        if self.strategy == "fsdp":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 \
-                else MixedPrecisionPolicy()
-            layer_classes = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
-            layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
-            if not layers:
-                raise ValueError(f"FSDP: no decoder layers found in {type(model).__name__} (_no_split_modules)")
-
-            def shard(unit: torch.nn.Module) -> None:
-                fully_shard(unit, mp_policy=policy)
-
-            for unit in [*layers, runner]:
-                around_shard(unit, shard) if around_shard else shard(unit)
         return runner
+
+    def loss(self, batch, output: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The loss to backpropagate from the runner's (loss, token losses)."""
+        return output[0]
 
     def gradient_sync(self, runner: torch.nn.Module, sync: bool):
         """A context for one micro-batch's backward: gradients are reduced across ranks only when `sync`."""
@@ -111,26 +98,19 @@ class Parallelism:
             runner.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
-    def full_model_state(self, runner: torch.nn.Module) -> dict | None:
-        """Under FSDP the full (gathered, CPU) state dict of the user's model, on the main process (a collective;
-        the others get {}); a LoRA model's frozen base is left out (only the adapter is saved). Otherwise None:
-        the model saves its own state."""
-        if not self.sharded:
-            return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def clip_gradients(self, runner: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        """Clip the gradients to max_norm (inf: measure only); returns their total norm before clipping."""
+        return clip_gradients(optimizer, max_norm)
 
-        adapter_only = hasattr(getattr(runner, "model", None), "get_base_model")
-        state = get_model_state_dict(runner, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                      ignore_frozen_params=adapter_only))
-        return {key.removeprefix("model."): value for key, value in state.items()}
+    def full_model_state(self, runner: torch.nn.Module) -> dict | None:
+        """Sharded: the full (gathered, CPU) state dict of the user's model on the main process (a collective; the
+        others get {}). Otherwise None: the model saves its own state."""
+        return gathered_model_state(runner) if self.sharded else None
 
     def save_optimizer(self, runner: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-        """FSDP: every rank writes its shard (torch.distributed.checkpoint); else the main process saves."""
+        """Sharded: every rank writes its shard (torch.distributed.checkpoint); else the main process saves."""
         if self.sharded:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-            dcp.save({"optimizer": get_optimizer_state_dict(runner, optimizer)}, checkpoint_id=directory / "optimizer")
+            save_sharded_optimizer(runner, optimizer, directory)
         elif self.env.is_main:
             torch.save(optimizer.state_dict(), directory / "optimizer.pt")
 
@@ -138,17 +118,110 @@ class Parallelism:
         sharded_copy = (directory / "optimizer").is_dir()
         if self.sharded != sharded_copy:
             raise ConfigError(f"distributed_strategy: {directory} holds optimizer state saved "
-                              f"{'with' if sharded_copy else 'without'} FSDP; resume with the same strategy")
+                              f"{'with' if sharded_copy else 'without'} sharding (FSDP); resume with a "
+                              f"{'sharded' if sharded_copy else 'replicated'} strategy")
         if self.sharded:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-            state = {"optimizer": get_optimizer_state_dict(runner, optimizer)}
-            dcp.load(state, checkpoint_id=directory / "optimizer")
-            set_optimizer_state_dict(runner, optimizer, optim_state_dict=state["optimizer"])
+            load_sharded_optimizer(runner, optimizer, directory)
         else:
             optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True,
                                                  map_location=self.env.device))
+
+
+class DataParallel(Parallelism):
+    """DDP: a replica per rank, gradients averaged in backward."""
+
+    def wrap(self, runner, model, around_shard=None):
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return DistributedDataParallel(runner, device_ids=device_ids)
+
+
+class FullyShard(Parallelism):
+    """FSDP2: each decoder layer sharded on its own, then the root; optimizer state saved per rank."""
+
+    sharded = True
+
+    def wrap(self, runner, model, around_shard=None):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 \
+            else MixedPrecisionPolicy()
+        layer_classes = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
+        layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+        if not layers:
+            raise ValueError(f"FSDP: no decoder layers found in {type(model).__name__} (_no_split_modules)")
+
+        def shard(unit: torch.nn.Module) -> None:
+            fully_shard(unit, mp_policy=policy)
+
+        for unit in [*layers, runner]:
+            around_shard(unit, shard) if around_shard else shard(unit)
+        return runner
+
+
+def make_parallelism(env: DistEnv, config: Config, bf16: bool) -> Parallelism:
+    """The engine distributed_strategy names (one process without one: no wrapping; ATorch is asked even then)."""
+    if config.distributed_strategy == "atorch":
+        from mftcoder.train.atorch_engine import AtorchEngine
+
+        return AtorchEngine(env, config, bf16)
+    if not env.distributed:
+        return Parallelism(env, bf16)
+    return {"ddp": DataParallel, "fsdp": FullyShard}[config.distributed_strategy](env, bf16)
+
+
+@dataclass
+class OptimizerSpec:
+    """AdamW as configured: its arguments, and weight decay for all but biases and norm weights."""
+
+    weight_decay: float
+    kwargs: dict  # lr, betas, eps
+
+    @staticmethod
+    def of(config: Config) -> "OptimizerSpec":
+        return OptimizerSpec(config.weight_decay, {"lr": config.learning_rate, "eps": config.adam_epsilon,
+                                                   "betas": (config.adam_beta1, config.adam_beta2)})
+
+    def build(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        from mftcoder.model import parameter_groups
+
+        return torch.optim.AdamW(parameter_groups(model, self.weight_decay), **self.kwargs)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip the optimizer's gradients (DTensor shards under FSDP2 are reduced to the full norm)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def gathered_model_state(runner: torch.nn.Module) -> dict:
+    """The full (gathered, CPU) state dict of the user's model on the main process (a collective; the others get
+    {}); a LoRA model's frozen base is left out (only the adapter is saved)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    adapter_only = hasattr(getattr(runner, "model", None), "get_base_model")
+    state = get_model_state_dict(runner, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=adapter_only))
+    return {key.removeprefix("model."): value for key, value in state.items()}
+
+
+def save_sharded_optimizer(runner: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Every rank writes its shard of the optimizer state (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(runner, optimizer)}, checkpoint_id=directory / "optimizer")
+
+
+def load_sharded_optimizer(runner: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(runner, optimizer)}
+    dcp.load(state, checkpoint_id=directory / "optimizer")
+    set_optimizer_state_dict(runner, optimizer, optim_state_dict=state["optimizer"])
 
 
 def _hf_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -21,9 +21,10 @@ from mftcoder.data.batching import (Batch, SampleReader, arrange_rows, epoch_pla
 from mftcoder.data.prepare import PreparedData, prepare_data
 from mftcoder.data.tasks import per_task_values
 from mftcoder.loss import StepCounts, TaskTotals, token_coefficients
-from mftcoder.model import load_base_model, load_tokenizer, parameter_groups, prepare_for_training, save_dtype
+from mftcoder.model import load_base_model, load_tokenizer, prepare_for_training, save_dtype
 from mftcoder.train import checkpoint as ckpt
-from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, shutdown
+from mftcoder.train.distributed import (DistEnv, OptimizerSpec, Parallelism, init_distributed, make_parallelism,
+                                        shutdown)
 from mftcoder.train.evaluators import make_evaluators
 from mftcoder.train.metrics import MetricsLogger
 from mftcoder.train.plots import write_curves
@@ -66,7 +67,8 @@ def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], counts: 
         coefficients = token_coefficients(batch, mode, counts, task_weights)
         with parallel.gradient_sync(runner, sync=i == len(batches) - 1):
             with autocast:
-                loss, token_losses = runner(batch, coefficients, aux_scale)
+                output = runner(batch, coefficients, aux_scale)
+            loss, token_losses = parallel.loss(batch, output), output[1]
             (loss * env.world_size).backward()
         step_loss += float(loss.detach())
         totals.add(batch, token_losses)
@@ -140,12 +142,10 @@ class Trainer:
             ckpt.load_adapter(self.resume_from, self.model)
         self.autocast, use_bf16 = self._autocast()
         self.forward_tokens = forward_token_limit(config, env.device.type)
-        self.parallel = Parallelism(env, config.distributed_strategy, bf16=use_bf16)
+        self.parallel = make_parallelism(env, config, use_bf16)
         runner, self.padding_mode = loading.build_runner(self.model, config.padding_mode, self.data.per_task,
                                                          self.tokenizer.pad_token_id, tqdm.write if env.is_main else None)
-        self.runner = loading.wrap(self.parallel, runner, self.model)
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.weight_decay), lr=config.learning_rate,
-                                           betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+        self.runner, self.optimizer = loading.prepare(self.parallel, runner, self.model, OptimizerSpec.of(config))
         pad_to = config.seq_length if self.padding_mode == "padding" else None
         self.reader = SampleReader(self.data.per_task, self.tokenizer.pad_token_id, pad_to,
                                    packed=self.padding_mode == "pack")
@@ -280,10 +280,8 @@ class Trainer:
             return self._skip_update(loss, "loss")
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(state.step)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = config.max_grad_norm if config.max_grad_norm else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.interval.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.interval.grad_norm = self.parallel.clip_gradients(self.runner, self.optimizer, max_norm)
         if not math.isfinite(self.interval.grad_norm):
             return self._skip_update(loss, "gradient norm")
         state.nonfinite_in_row = 0

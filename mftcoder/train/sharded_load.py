@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from mftcoder.families import build_runner
 from mftcoder.loss import SupervisedLM
-from mftcoder.train.distributed import DistEnv, Parallelism
+from mftcoder.train.distributed import DistEnv, OptimizerSpec, Parallelism
 
 
 class RankZeroLoad:
@@ -44,17 +44,18 @@ class RankZeroLoad:
         fused_head, layout = decision[0]
         return (runner if self.env.is_main else SupervisedLM(model, fused_head=fused_head)), layout
 
-    def wrap(self, parallel: Parallelism, runner: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
-        """parallel.wrap(runner, model), each unit's shards filled from rank 0 as it is sharded; then the buffers
-        and rank 0's RNG state (building the real model advanced it; dropout then matches a full load)."""
+    def prepare(self, parallel: Parallelism, runner: torch.nn.Module, model: torch.nn.Module,
+                optimizer: OptimizerSpec) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """parallel.prepare(...), each unit's shards filled from rank 0 as it is sharded; then the buffers and rank
+        0's RNG state (building the real model advanced it; dropout then matches a full load)."""
         if not self.active:
-            return parallel.wrap(runner, model)
-        wrapped = parallel.wrap(runner, model, around_shard=self.shard_and_fill)
+            return parallel.prepare(runner, model, optimizer)
+        prepared = parallel.prepare(runner, model, optimizer, around_shard=self.shard_and_fill)
         broadcast_buffers(model, self.env.device)
         rng = [torch.get_rng_state() if self.env.is_main else None]
         dist.broadcast_object_list(rng, src=0)
         torch.set_rng_state(rng[0])
-        return wrapped
+        return prepared
 
     def shard_and_fill(self, unit: torch.nn.Module, shard: Callable[[torch.nn.Module], None]) -> None:
         """Shard one FSDP unit, then give every rank its shards of the unit's own parameters (those no inner unit
