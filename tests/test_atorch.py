@@ -171,38 +171,29 @@ def test_two_atorch_ranks_of_four_equal_one_process_of_eight(small_tasks, tmp_pa
 
 
 @needs_atorch
-def test_resume_under_atorch_zero1_is_exact(small_tasks, tmp_path):
-    values = dict(distributed_strategy="atorch", atorch_strategy=["parallel_mode", "zero1"],
-                  per_device_train_batch_size=2, max_steps=4, checkpointing_steps=2, evaluation_steps=2)
-    full = run_two_ranks(settings(small_tasks, tmp_path / "full", **values))
-    assert full.returncode == 0, full.stderr[-4000:]
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    resumed = run_two_ranks(settings(small_tasks, tmp_path / "resumed", resume_from_checkpoint="auto", **values))
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "full")[2:]
-    a, b = final_weights(tmp_path / "full", 4), final_weights(tmp_path / "resumed", 4)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # zero1's sharded optimizer state is saved whole, as a plain AdamW's: one file, every parameter's moments
-    state = torch.load(tmp_path / "full" / "checkpoint-4" / "resume" / "optimizer.pt", weights_only=True)
-    assert len(state["state"]) == len(a) and all(s["step"] == 4 for s in state["state"].values())
-
-
-@needs_atorch
-@pytest.mark.parametrize("first,then", [("atorch", "ddp"), ("ddp", "atorch")])
-def test_a_checkpoint_moves_between_engines(small_tasks, tmp_path, first, then):
-    """Two steps under one engine, two more resumed under the other: the same as four under the first."""
-    engine = {"atorch": dict(distributed_strategy="atorch", atorch_strategy=["parallel_mode", "zero1"]),
-              "ddp": dict(distributed_strategy="ddp")}
+def test_resume_under_atorch_is_exact_and_checkpoints_move_between_engines(small_tasks, tmp_path):
+    """4 steps under atorch (zero1) and under ddp train bitwise alike; resuming either's step-2 checkpoint under
+    atorch or ddp reproduces the last 2 steps bitwise."""
+    engines = {"atorch": dict(distributed_strategy="atorch", atorch_strategy=["parallel_mode", "zero1"]),
+               "ddp": dict(distributed_strategy="ddp")}
     values = dict(per_device_train_batch_size=2, max_steps=4, checkpointing_steps=2, evaluation_steps=2)
-    full = run_two_ranks(settings(small_tasks, tmp_path / "full", **values, **engine[first]))
-    assert full.returncode == 0, full.stderr[-4000:]
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "moved" / "checkpoint-2")
-    moved = run_two_ranks(settings(small_tasks, tmp_path / "moved", resume_from_checkpoint="auto", **values,
-                                   **engine[then]))
-    assert moved.returncode == 0, moved.stderr[-4000:]
-    assert train_losses(tmp_path / "moved") == train_losses(tmp_path / "full")[2:]
-    a, b = final_weights(tmp_path / "full", 4), final_weights(tmp_path / "moved", 4)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name, engine in engines.items():
+        done = run_two_ranks(settings(small_tasks, tmp_path / f"full-{name}", **values, **engine))
+        assert done.returncode == 0, done.stderr[-4000:]
+    expected = final_weights(tmp_path / "full-atorch", 4)
+    assert train_losses(tmp_path / "full-ddp") == train_losses(tmp_path / "full-atorch")
+    assert all(torch.equal(expected[k], final_weights(tmp_path / "full-ddp", 4)[k]) for k in expected)
+    for first, then in (("atorch", "atorch"), ("atorch", "ddp"), ("ddp", "atorch")):
+        resumed = tmp_path / f"{first}-then-{then}"
+        shutil.copytree(tmp_path / f"full-{first}" / "checkpoint-2", resumed / "checkpoint-2")
+        done = run_two_ranks(settings(small_tasks, resumed, resume_from_checkpoint="auto", **values, **engines[then]))
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert train_losses(resumed) == train_losses(tmp_path / f"full-{first}")[2:], (first, then)
+        weights = final_weights(resumed, 4)
+        assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    # zero1's sharded optimizer state is saved whole, as a plain AdamW's: one file, every parameter's moments
+    state = torch.load(tmp_path / "full-atorch" / "checkpoint-4" / "resume" / "optimizer.pt", weights_only=True)
+    assert len(state["state"]) == len(expected) and all(s["step"] == 4 for s in state["state"].values())
 
 
 @needs_atorch
