@@ -23,6 +23,10 @@
 # GPU_CHECK_VENV (GPU venv; default $TMPDIR/mftcoder-gpu-venv, reused when its torch sees the GPU),
 # GPU_CHECK_TORCH_INDEX_URL (an index to take the CUDA torch from, if the default one does not give it),
 # GPU_CHECK_ATTN (a comma list to run only some attention kernels, e.g. sdpa,flex_attention).
+# ATorch: on GPU (or with GPU_CHECK_ATORCH=1 on CPU), where `import atorch` works (the GPU venv installs it), one more
+# run per model with distributed_strategy: atorch and its default strategy (GPU: parallel_mode, fsdp, bf16
+# amp_native, checkpoint), checked against the dynamic fsdp run: finite losses, the same step-0 validation loss
+# (tolerance as above), and a last training loss within 5%. GPU_CHECK_ATORCH=0 leaves it out.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -66,7 +70,7 @@ elif [ "$mode" = gpu ]; then
     fi
     # The CPU build's pin stays out: pip keeps the CUDA torch that is installed.
     grep -v '^torch==' constraints.txt > "$venv/constraints-gpu.txt"
-    "$venv/bin/pip" install "${pipq[@]}" -c "$venv/constraints-gpu.txt" -e ".[assets]"
+    "$venv/bin/pip" install "${pipq[@]}" -c "$venv/constraints-gpu.txt" -e ".[assets,atorch]"
   fi
   PY="$venv/bin/python"
 else
@@ -148,6 +152,9 @@ if gpu:
         attns.append("flash_attention_2")
     except Exception:
         pass
+import importlib.util  # noqa: E402
+atorch_leg = (importlib.util.find_spec("atorch") is not None and os.environ.get("GPU_CHECK_ATORCH") != "0"
+              and (gpu or os.environ.get("GPU_CHECK_ATORCH") == "1"))
 if os.environ.get("GPU_CHECK_ATTN"):  # e.g. GPU_CHECK_ATTN=sdpa,flex_attention to save time
     attns = [a for a in attns if a in os.environ["GPU_CHECK_ATTN"].split(",")]
 
@@ -265,13 +272,25 @@ for model_name, source, available in models:
     reference = run_train(f"{model_name}-dynamic-sdpa", {**common, **source, "padding_mode": "dynamic",
                                                          "attn_implementation": "sdpa"})
     runs = [("dynamic", "sdpa", reference)]
+    if atorch_leg:  # ATorch's default strategy for this device, on the reference's batches
+        engine = run_train(f"{model_name}-atorch-sdpa", {**common, **source, "padding_mode": "dynamic",
+                                                         "attn_implementation": "sdpa", "distributed_strategy": "atorch"})
+        a, b = engine["val_loss0"], reference["val_loss0"]
+        checks.append((f"{model_name} atorch vs fsdp: step-0 val loss", "n/a" if None in (a, b) else f"|d| {abs(a - b):.2e}",
+                       f"{tolerance:g}", None not in (a, b) and abs(a - b) <= tolerance))
+        last = (engine["train_losses"] or [None])[-1], (reference["train_losses"] or [None])[-1]
+        checks.append((f"{model_name} atorch vs fsdp: last train loss", "n/a" if None in last else
+                       f"{last[0]:.5f} vs {last[1]:.5f}", "5%",
+                       None not in last and abs(last[0] - last[1]) <= 0.05 * abs(last[1])))
+        runs.append(("dynamic", "sdpa", {**engine, "strategy": "atorch"}))
     for attn in attns:
         runs.append(("pack", attn, run_train(f"{model_name}-pack-{attn}", {**common, **source, "padding_mode": "pack",
                                                                           "attn_implementation": attn})))
     for padding, attn, r in runs:
         ok = r["rc"] == 0 and r["tokens_per_s"] is not None and len(r["train_losses"]) == steps and all(
             x is not None and math.isfinite(x) for x in r["train_losses"])
-        checks.append((f"{model_name} {padding} {attn}: trains {steps} steps (finite losses)",
+        label = f"{model_name} {padding} {attn}" + (" atorch" if "strategy" in r else "")
+        checks.append((f"{label}: trains {steps} steps (finite losses)",
                        f"exit {r['rc']}, {len(r['train_losses'])} steps", "", ok))
         delta = None
         if padding == "pack":
@@ -283,11 +302,11 @@ for model_name, source, available in models:
         tps = r["tokens_per_s"]
         mfu = 6 * body * tps / total_peak if tps else None
         shape = f"{source.get('per_device_train_batch_size', common['per_device_train_batch_size'])}x{common['seq_length']}"
-        rows.append([model_name, f"{body / 1e6:.1f}M/{total / 1e6:.1f}M", attn, padding, strategy, shape,
+        rows.append([model_name, f"{body / 1e6:.1f}M/{total / 1e6:.1f}M", attn, padding, r.get("strategy", strategy), shape,
                      "-" if tps is None else f"{tps:,.0f}", "-" if mfu is None else f"{100 * mfu:.1f}%",
                      "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
                      "-" if r["val_loss0"] is None else f"{r['val_loss0']:.5f}",
-                     "ref" if padding == "dynamic" else ("-" if delta is None else f"{delta:.1e}"),
+                     "ref" if padding == "dynamic" and "strategy" not in r else ("-" if delta is None else f"{delta:.1e}"),
                      f"{r['seconds']:.0f}",
                      "PASS" if ok and (padding == "dynamic" or (delta is not None and delta <= tolerance)) else "FAIL"])
 

@@ -155,8 +155,11 @@ def test_layer_classes_are_found_by_name_and_checkpointing_is_non_reentrant_by_d
 
 
 @needs_atorch
-@pytest.mark.parametrize("strategy", [["parallel_mode"], ["parallel_mode", "zero1"]], ids=["parallel_mode", "zero1"])
+@pytest.mark.parametrize("strategy", [["parallel_mode"], ["parallel_mode", "zero1", "checkpoint"]],
+                         ids=["parallel_mode", "zero1+checkpoint"])
 def test_two_atorch_ranks_of_four_equal_one_process_of_eight(small_tasks, tmp_path, strategy):
+    # ("checkpoint": ATorch's activation checkpointing, non-reentrant by default here; its reentrant form with a
+    # layer cache left on was measured to lose most of the attention's gradients, a 4e-3 weight difference.)
     common = dict(weighted_loss_mode="case3", adam_epsilon=1e-5, learning_rate=1e-3)  # as the DDP test
     single = train(build_config(settings(small_tasks, tmp_path / "one", per_device_train_batch_size=8, **common))[0])
     done = run_two_ranks(settings(small_tasks, tmp_path / "two", total_train_batch_size=8,
@@ -172,8 +175,8 @@ def test_two_atorch_ranks_of_four_equal_one_process_of_eight(small_tasks, tmp_pa
 
 @needs_atorch
 def test_resume_under_atorch_is_exact_and_checkpoints_move_between_engines(small_tasks, tmp_path):
-    """4 steps under atorch (zero1) and under ddp train bitwise alike; resuming either's step-2 checkpoint under
-    atorch or ddp reproduces the last 2 steps bitwise."""
+    """4 steps under atorch (zero1) and under ddp train bitwise alike; an atorch checkpoint resumed under ddp and a
+    ddp one resumed under atorch (zero1 loading the whole AdamW state) both reproduce the last 2 steps bitwise."""
     engines = {"atorch": dict(distributed_strategy="atorch", atorch_strategy=["parallel_mode", "zero1"]),
                "ddp": dict(distributed_strategy="ddp")}
     values = dict(per_device_train_batch_size=2, max_steps=4, checkpointing_steps=2, evaluation_steps=2)
@@ -183,7 +186,7 @@ def test_resume_under_atorch_is_exact_and_checkpoints_move_between_engines(small
     expected = final_weights(tmp_path / "full-atorch", 4)
     assert train_losses(tmp_path / "full-ddp") == train_losses(tmp_path / "full-atorch")
     assert all(torch.equal(expected[k], final_weights(tmp_path / "full-ddp", 4)[k]) for k in expected)
-    for first, then in (("atorch", "atorch"), ("atorch", "ddp"), ("ddp", "atorch")):
+    for first, then in (("atorch", "ddp"), ("ddp", "atorch")):
         resumed = tmp_path / f"{first}-then-{then}"
         shutil.copytree(tmp_path / f"full-{first}" / "checkpoint-2", resumed / "checkpoint-2")
         done = run_two_ranks(settings(small_tasks, resumed, resume_from_checkpoint="auto", **values, **engines[then]))
@@ -194,20 +197,6 @@ def test_resume_under_atorch_is_exact_and_checkpoints_move_between_engines(small
     # zero1's sharded optimizer state is saved whole, as a plain AdamW's: one file, every parameter's moments
     state = torch.load(tmp_path / "full-atorch" / "checkpoint-4" / "resume" / "optimizer.pt", weights_only=True)
     assert len(state["state"]) == len(expected) and all(s["step"] == 4 for s in state["state"].values())
-
-
-@needs_atorch
-def test_atorch_checkpointing_trains_exactly_as_without(small_tasks, tmp_path):
-    """ATorch's activation checkpointing (non-reentrant by default here) with dropout: recomputing changes nothing."""
-    values = dict(distributed_strategy="atorch", per_device_train_batch_size=2, max_steps=2, checkpointing_steps=2,
-                  evaluation_steps=2, learning_rate=1e-3, adam_epsilon=1e-5)
-    for name, strategy in (("plain", ["parallel_mode"]), ("recomputed", ["parallel_mode", "checkpoint"])):
-        done = run_two_ranks(settings(small_tasks, tmp_path / name, atorch_strategy=strategy, **values))
-        assert done.returncode == 0, done.stderr[-4000:]
-        assert f"Acceleration strategy has {len(strategy)} optimization methods" in done.stdout + done.stderr
-    assert train_losses(tmp_path / "recomputed") == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-6)
-    a, b = final_weights(tmp_path / "plain", 2), final_weights(tmp_path / "recomputed", 2)
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
 def test_module_wrapping_strategies_are_refused_for_lora_and_an_empty_adapter_is_never_saved(tmp_path):

@@ -24,8 +24,6 @@ GPU_ONLY = {"fsdp": "ATorch's fsdp refuses CPU ('FSDP only support GPU')",
 NOT_INTEGRATED = ("amp_apex_o1", "amp_apex_o2", "fsdp2", "auto_ddp", "fp8", "tensor_parallel", "module_replace",
                   "native_dynamo", "pipeline_parallel", "mixed_parallel", "sequence_parallel", "half", "ds_3d_parallel")
 DATA_PARALLEL = ("parallel_mode", "fsdp", "zero2")
-
-
 WRAPS_MODULES = ("fsdp", "checkpoint")  # they rename the layers' modules, which PEFT's adapter saving does not follow
 
 
@@ -74,8 +72,9 @@ def check_strategy(entries: list, device_type: str, world_size: int, checkpoint_
             raise ConfigError(f"atorch_strategy: {name!r} needs a GPU: {GPU_ONLY[name]}")
         if lora and name in WRAPS_MODULES:
             raise ConfigError(f"atorch_strategy: {name!r} with peft_type: lora: ATorch wraps each layer in a module of "
-                              "its own, and PEFT's adapter saving does not see through the new module names (measured: "
-                              "an empty adapter); use checkpoint_activations: true for activation checkpointing")
+                              "its own, and PEFT's adapter saving does not see through the new module names (measured "
+                              "with checkpoint: an empty adapter); use checkpoint_activations: true for activation "
+                              "checkpointing")
         if name == "amp_native" and _half_dtype(settings) is not torch.bfloat16:
             raise ConfigError("atorch_strategy: amp_native in float16 needs a loss scaler, which mftcoder's gradient "
                               "clipping and NaN skipping do not drive; write [amp_native, {dtype: bf16}]")
@@ -119,7 +118,7 @@ def load_strategy(entries: list, model: torch.nn.Module) -> list:
                         **(settings or {})}
             settings["atorch_wrap_cls"] = _classes(settings.get("atorch_wrap_cls"), model, layers)
         elif name == "amp_native":
-            settings = {**settings, "dtype": torch.bfloat16}
+            settings = {**(settings or {}), "dtype": torch.bfloat16}
         resolved.append(name if settings is None else (name, settings))
     return resolved
 
