@@ -122,7 +122,7 @@ class Config:
     fp16: bool = opt(False, "fp16 is not supported (use bf16); only false is accepted.", section="model")
     tp: int = opt(1, "Tensor-parallel size; only 1 is supported (as in the reference).", section="model", valid=Range(1, 1))
     distributed_strategy: str = opt("ddp", "Under torchrun: 'ddp' (replicas), 'fsdp' (FSDP2: parameters, gradients and optimizer state sharded per decoder layer) or 'atorch' (ATorch's auto_accelerate with atorch_strategy; bash scripts/setup.sh atorch).", ("ddp", "fsdp", "atorch"), section="model")
-    atorch_strategy: list[Any] | None = opt(None, "distributed_strategy: atorch: ATorch's load_strategy, entries 'name' or [name, config]: parallel_mode, zero1, checkpoint (CPU and GPU); fsdp, zero2, [amp_native, {dtype: bf16}] (GPU). Layer classes by name (default: the model's decoder layers). null: [parallel_mode, fsdp, [amp_native, {dtype: bf16}], checkpoint] on GPU, [parallel_mode] on CPU.", section="model")
+    atorch_strategy: list[Any] | None = opt(None, "distributed_strategy: atorch: ATorch's load_strategy, entries 'name' or [name, config]: parallel_mode, zero1, checkpoint (CPU and GPU); fsdp, zero2, [amp_native, {dtype: bf16}] (GPU). Layer classes by name (default: the model's decoder layers). null: on GPU the reference's [parallel_mode, fsdp, [amp_native, {dtype: bf16}], checkpoint] (LoRA: parallel_mode and bf16), on CPU [parallel_mode].", section="model")
     dp: int | None = opt(None, "Data-parallel size (the reference's launchers pass it); must equal the number of processes.", section="model", valid=POSITIVE_INT)
 
     # --- optimisation -------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def save_model(model: torch.nn.Module, directory: Path, state: dict | None, dtyp
     if hasattr(model, "get_base_model") or dtype is None:
         model.save_pretrained(directory, state_dict=state) if state is not None else model.save_pretrained(directory)
         adapter = directory / "adapter_model.safetensors"
-        if adapter.is_file() and not safe_open(adapter, "pt").keys():  # PEFT finds the adapter by module names
+        if adapter.is_file() and not _tensor_names(adapter):  # PEFT finds the adapter by module names
             raise RuntimeError(f"the LoRA adapter saved to {adapter} is empty: PEFT found no adapter weights under the "
                                "model's module names (a wrapper renamed them)")
         return
@@ -236,6 +236,11 @@ def save_model(model: torch.nn.Module, directory: Path, state: dict | None, dtyp
     if any(t.is_floating_point() and t.dtype != dtype for t in state.values()) and dtype != torch.float32:
         model.save_pretrained(directory / RESUME_DIR / EXACT_WEIGHTS, state_dict=dict(state))
     save_weights(model, directory, state, dtype)
+
+
+def _tensor_names(path: Path) -> list[str]:
+    with safe_open(path, "pt") as reader:
+        return list(reader.keys())
 
 
 def save_weights(model: torch.nn.Module, directory: Path, state: dict | None, dtype: torch.dtype) -> None:
