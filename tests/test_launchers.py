@@ -21,7 +21,8 @@ FAST = ("model_config=tiny-test seq_length=64 max_steps=2 evaluation_steps=2 che
         "num_warmup_steps=0 checkpoint_activations=false valid_iters=1 log_interval=1")
 
 
-def launch(script: str, args: list[str], tmp_path: Path, extra: str = "", **variables: str) -> subprocess.CompletedProcess:
+def launch(script: str, args: list[str], tmp_path: Path, extra: str = "",
+           **variables: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OUTPUT_DIR": str(tmp_path / "out"), "PYTHON": sys.executable,
            "MFTCODER_ARGS": f"{FAST} data_cache_dir={tmp_path / 'cache'} {extra}", **variables}
     return subprocess.run(["bash", str(ROOT / "scripts" / script), *args], env=env, capture_output=True, text=True,

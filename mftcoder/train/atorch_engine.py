@@ -35,7 +35,8 @@ def default_strategy(device_type: str, lora: bool, checkpoint_activations: bool)
         return ["parallel_mode"]
     if lora:
         return ["parallel_mode", ["amp_native", {"dtype": "bf16"}]]
-    return ["parallel_mode", "fsdp", ["amp_native", {"dtype": "bf16"}]] + ([] if checkpoint_activations else ["checkpoint"])
+    recompute = [] if checkpoint_activations else ["checkpoint"]
+    return ["parallel_mode", "fsdp", ["amp_native", {"dtype": "bf16"}], *recompute]
 
 
 def parse_strategy(entries: list) -> list[tuple[str, Any]]:
