@@ -143,6 +143,8 @@ def test_layer_classes_are_found_by_name_and_checkpointing_is_non_reentrant_by_d
         "parallel_mode", ("checkpoint", {"wrap_class": (GPTNeoXLayer,), "no_reentrant": True})]
     assert load_strategy([["checkpoint", ["GPTNeoXMLP"]]], model) == [
         ("checkpoint", {"wrap_class": (GPTNeoXMLP,), "no_reentrant": True})]
+    assert load_strategy([["checkpoint", {"wrap_class": "GPTNeoXMLP"}]], model) == [
+        ("checkpoint", {"wrap_class": (GPTNeoXMLP,), "no_reentrant": True})]
     assert load_strategy([["checkpoint", {"no_reentrant": False}]], model) == [
         ("checkpoint", {"wrap_class": (GPTNeoXLayer,), "no_reentrant": False})]
     fsdp = load_strategy(["fsdp", ["amp_native", {"dtype": "bf16"}]], model)

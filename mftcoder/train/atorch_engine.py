@@ -128,7 +128,7 @@ def decoder_layer_classes(model: torch.nn.Module) -> tuple[type, ...]:
     """The classes the model names as its unsplittable decoder layers (`_no_split_modules`)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(inner, "_no_split_modules", None) or [])
-    return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+    return tuple(sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__))
 
 
 def _classes(names: Any, model: torch.nn.Module, default: tuple[type, ...]) -> tuple[type, ...]:
@@ -137,6 +137,7 @@ def _classes(names: Any, model: torch.nn.Module, default: tuple[type, ...]) -> t
             raise ConfigError(f"atorch_strategy: {type(model).__name__} names no decoder layers (_no_split_modules); "
                               "give the layer classes, e.g. [checkpoint, [LlamaDecoderLayer]]")
         return default
+    names = [names] if isinstance(names, str) else names
     by_name = {type(m).__name__: type(m) for m in model.modules()}
     missing = [n for n in names if n not in by_name]
     if missing:
