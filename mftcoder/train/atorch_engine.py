@@ -5,6 +5,7 @@ same layout as under ddp/fsdp, so they move between engines."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from mftcoder.config import Config, ConfigError
-from mftcoder.train.distributed import DistEnv, Parallelism, clip_gradients
+from mftcoder.train.distributed import DistEnv, Parallelism, clip_gradients, decoder_layer_classes
 
 # What mftcoder runs through ATorch, and where (measured on CPU with 2 ranks; see README "ATorch").
 CPU_AND_GPU = ("parallel_mode", "zero1", "checkpoint")
@@ -64,8 +65,9 @@ def parse_strategy(entries: list) -> list[tuple[str, Any]]:
 def check_strategy(entries: list, device_type: str, world_size: int, checkpoint_activations: bool = False,
                    lora: bool = False, generation_eval: bool = False) -> None:
     """Refuse what would not train (or save) correctly here, each with its reason, before any model is built."""
-    names = [name for name, _ in parse_strategy(entries)]
-    for name, settings in parse_strategy(entries):
+    parsed = parse_strategy(entries)
+    names = [name for name, _ in parsed]
+    for name, settings in parsed:
         if generation_eval and name in ("fsdp", "zero2"):
             raise ConfigError(f"generation_eval: generating during training gathers FSDP2 shards; ATorch's {name!r} "
                               "shards with FSDP (1), which it does not gather; evaluate checkpoints with mftcoder eval")
@@ -79,7 +81,7 @@ def check_strategy(entries: list, device_type: str, world_size: int, checkpoint_
         if name == "amp_native" and _half_dtype(settings) is not torch.bfloat16:
             raise ConfigError("atorch_strategy: amp_native in float16 needs a loss scaler, which mftcoder's gradient "
                               "clipping and NaN skipping do not drive; write [amp_native, {dtype: bf16}]")
-        if name == "zero1" and not _has_fairscale():
+        if name == "zero1" and importlib.util.find_spec("fairscale") is None:
             raise ConfigError("atorch_strategy: zero1 is fairscale's OSS optimizer and fairscale is not installed "
                               "(ATorch would skip zero1 with only a log line): bash scripts/setup.sh atorch")
     if world_size > 1 and not set(names) & set(DATA_PARALLEL):
@@ -93,14 +95,6 @@ def check_strategy(entries: list, device_type: str, world_size: int, checkpoint_
 def _half_dtype(settings: Any) -> torch.dtype | None:
     dtype = settings.get("dtype") if isinstance(settings, dict) else None
     return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}.get(dtype) if isinstance(dtype, str) else None
-
-
-def _has_fairscale() -> bool:
-    try:
-        import fairscale  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def load_strategy(entries: list, model: torch.nn.Module) -> list:
@@ -122,13 +116,6 @@ def load_strategy(entries: list, model: torch.nn.Module) -> list:
             settings = {**(settings or {}), "dtype": torch.bfloat16}
         resolved.append(name if settings is None else (name, settings))
     return resolved
-
-
-def decoder_layer_classes(model: torch.nn.Module) -> tuple[type, ...]:
-    """The classes the model names as its unsplittable decoder layers (`_no_split_modules`)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(inner, "_no_split_modules", None) or [])
-    return tuple(sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__))
 
 
 def _classes(names: Any, model: torch.nn.Module, default: tuple[type, ...]) -> tuple[type, ...]:

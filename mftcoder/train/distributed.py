@@ -147,8 +147,8 @@ class FullyShard(Parallelism):
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 \
             else MixedPrecisionPolicy()
-        layer_classes = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
-        layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+        layer_classes = decoder_layer_classes(model)
+        layers = [m for m in model.modules() if type(m) in layer_classes]
         if not layers:
             raise ValueError(f"FSDP: no decoder layers found in {type(model).__name__} (_no_split_modules)")
 
@@ -224,5 +224,8 @@ def load_sharded_optimizer(runner: torch.nn.Module, optimizer: torch.optim.Optim
     set_optimizer_state_dict(runner, optimizer, optim_state_dict=state["optimizer"])
 
 
-def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def decoder_layer_classes(model: torch.nn.Module) -> tuple[type, ...]:
+    """The classes the model names as its unsplittable decoder layers (`_no_split_modules`), by name."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    return tuple(sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__))
