@@ -3,6 +3,8 @@ whether the fused output layer gives the model's own loss, and whether packed sa
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 
 LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOLERANCE = 1e-3  # per-token cross-entropy; an exact path differs by ~1e-6, a leak or a transform by far more
+REDUCED_PRECISION_LEAK = 0.05  # the leak check in bf16: an isolated sample moves by 0 (measured), a leak by ~0.3-1
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,43 @@ def attn_implementation(model_config, requested: str = "auto") -> str | None:
     return family(model_config.model_type).attn_implementation
 
 
-def check_attention_device(model: torch.nn.Module, device: torch.device) -> None:
-    """Refuse an attention kernel that cannot train on this device (measured: torch 2.13's FlexAttention has
-    no backward on CPU)."""
+ROW_MASK_KERNELS = ("sdpa", "eager", "flex_attention")  # take a per-row mask built from restarting position ids
+
+
+def packs_as_one_row(kernel: str | None) -> bool:
+    """Whether packed rows must reach the model as one flattened row. For sdpa, eager and flex_attention transformers
+    builds a block-diagonal mask per row from restarting position ids; any other kernel (flash-attention) sees sample
+    boundaries only in a batch of one row, and with more rows would let a row's samples attend to each other.
+    (Flattening costs those three the attention of B rows as one: B times the quadratic part.)"""
+    return kernel not in ROW_MASK_KERNELS
+
+
+def half_precision_only(kernel: str | None) -> bool:
+    """flash-attention computes in bf16/fp16 only."""
+    return kernel is not None and "flash" in kernel
+
+
+def check_attention(model: torch.nn.Module, device: torch.device, reduced_precision: bool) -> None:
+    """Refuse an attention kernel that cannot train here: torch's FlexAttention has no backward on CPU (measured
+    with torch 2.13); flash-attention takes only bf16/fp16, so float32 weights need bf16 compute (autocast)."""
     from mftcoder.config import ConfigError
 
-    if getattr(model.config, "_attn_implementation", None) == "flex_attention" and device.type == "cpu":
+    kernel = getattr(model.config, "_attn_implementation", None)
+    if kernel == "flex_attention" and device.type == "cpu":
         raise ConfigError("attn_implementation: flex_attention has no backward pass on CPU in this torch; "
                           "use sdpa (the CPU default: a flash kernel that keeps packed samples apart)")
+    if half_precision_only(kernel) and not reduced_precision:
+        raise ConfigError(f"attn_implementation: {kernel} computes in bf16/fp16 only, and this run computes in float32 "
+                          "(bf16: false with float32 weights); set bf16: true (the GPU default) or torch_dtype: "
+                          "bfloat16, or use sdpa")
+
+
+def computes_in_float32(model: torch.nn.Module, bf16: bool) -> bool:
+    """Whether the model's forward runs in float32 (no bf16 autocast or mixed precision, float32 weights, a kernel that
+    takes float32): then the exact start-up checks can run on the model itself."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (not bf16 and not half_precision_only(getattr(inner.config, "_attn_implementation", None))
+            and all(p.dtype == torch.float32 for p in inner.parameters() if p.is_floating_point()))
 
 
 def logit_transforms(model_config) -> list[str]:
@@ -101,89 +133,134 @@ def probe_samples(per_task, length: int = 24) -> list[tuple[np.ndarray, np.ndarr
 
 
 @torch.no_grad()
-def packing_difference(runner: torch.nn.Module, samples: list, pad_id: int, device: torch.device) -> float:
-    """Largest per-token loss difference between the samples packed in one row and each run alone."""
+def token_losses(runner: torch.nn.Module, rows: list, pad_id: int, device: torch.device, packed: bool = True,
+                 autocast=None) -> torch.Tensor:
+    """The runner's per-token losses (loss_mask order) for rows of samples, in eval mode."""
     from mftcoder.data.batching import collate
 
     was_training = runner.training
     runner.eval()
-    packed = runner(collate([samples], pad_id, packed=True).to(device))[1]
-    apart = torch.cat([runner(collate([[s]], pad_id).to(device))[1] for s in samples])
+    with autocast or contextlib.nullcontext():
+        losses = runner(collate(rows, pad_id, packed=packed).to(device))[1].float()
     runner.train(was_training)
-    return float((packed - apart).abs().max())
+    return losses
 
 
-@torch.no_grad()
-def head_difference(model: torch.nn.Module, runner: torch.nn.Module, sample: tuple, device: torch.device) -> float:
-    """Largest per-token loss difference between the fused output layer and the model's own logits."""
-    import torch.nn.functional as F
+def probe_rows(a, b) -> list:
+    """Three packed rows: each sample once first and once after another, the last row with trailing padding; one
+    row after another, every sample but the very first follows another."""
+    return [[a, b], [b, a], [b]]
 
-    from mftcoder.data.batching import collate
 
-    was_training = model.training
-    model.eval()
-    batch = collate([[sample]], 0).to(device)
-    fused = runner(batch)[1]
-    logits = model(input_ids=batch.input_ids, use_cache=False).logits[batch.loss_mask]
-    own = F.cross_entropy(logits.float(), batch.targets[batch.loss_mask], reduction="none")
-    model.train(was_training)
-    return float((fused - own).abs().max())
+def position_gap(runner: torch.nn.Module, samples: list, pad_id: int, device: torch.device) -> float:
+    """Largest per-token loss difference between the samples packed (probe_rows) and each alone: ~1e-6 in float32
+    where positions restart at every sample and no sample sees another."""
+    rows = probe_rows(*samples)
+    packed = token_losses(runner, rows, pad_id, device)
+    alone = token_losses(runner, [[s] for row in rows for s in row], pad_id, device, packed=False)
+    return float((packed - alone).abs().max())
+
+
+def leak_gap(runner: torch.nn.Module, samples: list, pad_id: int, device: torch.device, autocast=None) -> float:
+    """Largest change of a packed sample's per-token losses when the samples packed before it are replaced by others
+    of the same lengths. Where no sample sees another this is 0 in any precision (the same kernels on the same shapes);
+    a leak moves them by ~0.3-1 (measured on random tiny and SmolLM2-shaped models, float32 and bf16). So it checks the
+    run's own kernel, dtype and autocast, where comparing with each sample alone would compare bf16 noise."""
+    a, b = samples
+    other = [(_other_tokens(ids), mask, task) for ids, mask, task in samples]
+    base = token_losses(runner, probe_rows(a, b), pad_id, device, autocast=autocast)
+    na, nb = len(a[0]) - 1, len(b[0]) - 1  # supervised positions of each sample (its last token has no target)
+    b_spans = [(na, na + nb), (na + nb, na + 2 * nb), (2 * na + 2 * nb, 2 * na + 3 * nb)]
+    a_spans = [(na + 2 * nb, 2 * na + 2 * nb)]
+    gap = 0.0
+    for changed, spans in ((probe_rows(other[0], b), b_spans), (probe_rows(a, other[1]), a_spans)):
+        moved = token_losses(runner, changed, pad_id, device, autocast=autocast)
+        gap = max(gap, *(float((base[i:j] - moved[i:j]).abs().max()) for i, j in spans))
+    return gap
+
+
+def _other_tokens(ids: np.ndarray) -> np.ndarray:
+    """Token ids below 1000 (in every vocabulary) that differ from `ids` at every position."""
+    other = np.random.default_rng(len(ids)).integers(3, 999, len(ids)).astype(ids.dtype)
+    return np.where(other == ids, other + 1, other)
+
+
+def head_gap(runner: torch.nn.Module, supervised, sample: tuple, device: torch.device) -> float:
+    """Largest per-token loss difference between the fused output layer and the model's own logits (both through the
+    runner, so the same code serves a model an engine has wrapped)."""
+    chosen, losses = supervised.fused_head, []
+    for fused in (True, False):
+        supervised.fused_head = fused
+        losses.append(token_losses(runner, [[sample]], 0, device, packed=False))
+    supervised.fused_head = chosen
+    return float((losses[0] - losses[1]).abs().max())
 
 
 def float32_probe(model: torch.nn.Module, layers: int = 2) -> torch.nn.Module:
-    """The model the start-up checks run on: the model itself when it computes in float32; otherwise a float32
-    miniature (same config and code, `layers` decoder layers, random weights), because bf16 rounding (up to 0.25
-    per token measured) would hide a leak or a logit transform. Both are properties of the code, not the weights."""
+    """A float32 miniature of the model (same config and code, `layers` decoder layers, random weights) for the
+    checks that compare with float32 exactness (bf16 rounding moves per-token losses by up to 0.25 measured, which
+    would hide a logit transform or a position error); they check the model's code, not its weights. A kernel that
+    has no float32 (flash-attention) is replaced by sdpa there: the leak check runs the real kernel."""
     import copy
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if all(p.dtype == torch.float32 for p in inner.parameters() if p.is_floating_point()):
-        return model
     config = copy.deepcopy(inner.config)
     config.num_hidden_layers = min(layers, config.num_hidden_layers)
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:config.num_hidden_layers]
     config.quantization_config = None
-    # The class already loaded (no code is fetched or trusted anew). flash_attention_2 runs only in half precision:
-    # its miniature is bf16, so its check keeps bf16 noise (untested here: no GPU; it may turn packing off).
-    dtype = torch.bfloat16 if config._attn_implementation == "flash_attention_2" else torch.float32
+    kernel = "sdpa" if half_precision_only(config._attn_implementation) else config._attn_implementation
     with torch.random.fork_rng(devices=[]):  # its random init leaves the run's RNG (dropout, order) untouched
         torch.manual_seed(0)
-        return type(inner)._from_config(config, dtype=dtype, attn_implementation=config._attn_implementation).eval()
+        # The class already loaded: no code is fetched or trusted anew.
+        return type(inner)._from_config(config, dtype=torch.float32, attn_implementation=kernel).eval()
 
 
-def build_runner(model: torch.nn.Module, padding_mode: str, per_task, pad_id: int, device: torch.device,
-                 say=None) -> tuple[torch.nn.Module, str]:
-    """The SupervisedLM for this model, and the batch layout, both checked on the model itself: the fused output
-    layer only where it gives the model's own loss, packing only where packed samples stay isolated."""
+@dataclass
+class CheckContext:
+    """What the start-up checks run with: the run's autocast, its device, whether it computes in float32, how the ranks
+    agree on a measured gap (the largest over ranks), and where warnings go."""
+
+    device: torch.device
+    autocast: contextlib.AbstractContextManager
+    exact: bool  # computes_in_float32
+    agree: Callable[[float], float] = lambda gap: gap
+    say: Callable[[str], None] | None = None
+
+
+def check_runner(supervised, runner: torch.nn.Module, padding_mode: str, samples: list, pad_id: int,
+                 context: CheckContext) -> str:
+    """Decide on the model as it will train (after its engine wrapped it; under FSDP every rank runs these together):
+    the fused output layer only where it gives the model's own loss, packing only where packed samples stay apart.
+    `samples`: two probe_samples. Sets supervised.fused_head; returns the padding mode."""
     from mftcoder.config import ConfigError
     from mftcoder.loss import SupervisedLM
 
-    check_attention_device(model, device)
-    samples = probe_samples(per_task)
-    probe = float32_probe(model)
-    if probe is not model:
-        probe = probe.to(device)
-    transforms = logit_transforms(model.config)
-    fused = family(model.config.model_type).fused_head and not transforms
+    model, say = supervised.model, context.say
+    exact_runner, exact = runner, supervised
+    if not context.exact:
+        exact = exact_runner = SupervisedLM(float32_probe(model).to(context.device), flat_packing=supervised.flat_packing)
+    fused = family(model.config.model_type).fused_head and not logit_transforms(model.config)
     if fused:
-        gap = head_difference(probe, SupervisedLM(probe), samples[0], device)
+        gap = context.agree(head_gap(exact_runner, exact, samples[0], context.device))
         if gap > TOLERANCE:
             fused = False
             if say:
                 say(f"warning: the model's logits are not its output layer's (per-token losses differ by {gap:.3g}); "
                     "the loss uses the model's own logits at supervised positions")
-    runner = SupervisedLM(model, fused_head=fused)
+    supervised.fused_head = exact.fused_head = fused
     if padding_mode not in ("auto", "pack"):
-        return runner, padding_mode
-    gap = packing_difference(runner if probe is model else SupervisedLM(probe, fused_head=fused), samples, pad_id,
-                             device)
-    if gap <= TOLERANCE:
-        return runner, "pack"
-    reason = (f"this model does not keep packed samples apart (per-token losses of two samples packed in one row "
-              f"differ from each alone by up to {gap:.3g})")
+        return padding_mode
+    positions = context.agree(position_gap(exact_runner, samples, pad_id, context.device))
+    leak = context.agree(leak_gap(runner, samples, pad_id, context.device, context.autocast))
+    leak_limit = TOLERANCE if context.exact else REDUCED_PRECISION_LEAK
+    if positions <= TOLERANCE and leak <= leak_limit:
+        return "pack"
+    reason = ("this model does not keep packed samples apart (per-token losses of samples packed in rows differ "
+              f"from each alone by up to {positions:.3g} in float32, and move by up to {leak:.3g} when the samples "
+              "before them change)")
     if padding_mode == "pack":
         raise ConfigError(f"padding_mode: pack: {reason}; use padding_mode: dynamic")
     if say:
         say(f"warning: {reason}; padding_mode auto uses dynamic padding instead of packing")
-    return runner, "dynamic"
+    return "dynamic"

@@ -137,11 +137,12 @@ class SupervisedLM(nn.Module):
     soft-capping or scaling, a router loss) the model's own forward gives the logits at the supervised positions
     (`logits_to_keep`), and its auxiliary loss, if any, is added with the model's coefficient."""
 
-    def __init__(self, model: nn.Module, chunk_tokens: int = 1024, fused_head: bool = True):
+    def __init__(self, model: nn.Module, chunk_tokens: int = 1024, fused_head: bool = True, flat_packing: bool = False):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.fused_head = fused_head
+        self.flat_packing = flat_packing  # packed rows go in as one row (kernels that isolate samples only then)
 
     def body(self) -> nn.Module:
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -154,10 +155,9 @@ class SupervisedLM(nn.Module):
                 aux_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of coefficient * token loss [+ aux_scale * the model's weighted auxiliary loss], to backpropagate)
         and the per-token cross-entropy (float32, detached) at the supervised positions, in loss_mask order."""
-        if batch.position_ids is not None:  # packed: restarting positions and no mask isolate the samples
-            layout = {"position_ids": batch.position_ids, "attention_mask": None}
-        else:
-            layout = {"attention_mask": batch.attention_mask}
+        if batch.position_ids is not None and self.flat_packing:
+            batch = batch.flattened()
+        layout = model_layout(batch)
         targets = batch.targets[batch.loss_mask]
         if coefficients is None:
             coefficients = torch.zeros(len(targets), device=targets.device)
@@ -189,6 +189,23 @@ class SupervisedLM(nn.Module):
         if aux is not None:
             total = total + aux_scale * self.model.config.router_aux_loss_coef * aux
         return total, losses.detach()
+
+
+def model_layout(batch: Batch) -> dict:
+    """How a batch's rows are told apart to the model: padded rows by their attention mask; packed rows by position
+    ids that restart at every sample and no mask (transformers then builds a per-row block-diagonal mask). A packed
+    single row also carries the sample boundaries as flash-attention's cumulative lengths, which it would otherwise
+    work out from the position ids in every layer (a device sync each)."""
+    if batch.position_ids is None:
+        return {"attention_mask": batch.attention_mask}
+    layout = {"position_ids": batch.position_ids, "attention_mask": None}
+    if batch.position_ids.shape[0] == 1:
+        positions = batch.position_ids[0]
+        starts = (positions == 0).nonzero().squeeze(1)
+        bounds = torch.cat([starts, starts.new_tensor([len(positions)])]).to(torch.int32)
+        longest = int((bounds[1:] - bounds[:-1]).max())
+        layout.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
+    return layout
 
 
 def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -230,16 +247,20 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-        weight32 = weight.float() if need_hidden else None  # once, not per chunk (no copy when already fp32)
+        # The matmuls' dtype: autocast's where it is on (bf16 on GPU), else the weight's. The weight is cast once for
+        # every chunk (no copy when it already has that dtype; never a float32 copy of a bf16 weight).
+        compute = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else weight.dtype
+        weight_c = weight.to(compute)
         for start in range(0, len(targets), chunk_tokens):
             end = min(start + chunk_tokens, len(targets))
             h, y = hidden[start:end], targets[start:end]
-            logits, log_norm, losses[start:end] = _chunk_cross_entropy(h, weight, bias, y)
+            logits, log_norm, losses[start:end] = _chunk_cross_entropy(h.to(compute), weight_c, bias, y)
             grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
             grad_logits[torch.arange(end - start, device=y.device), y] -= 1.0
             grad_logits.mul_(coefficients[start:end, None])
             if need_hidden:
-                grad_hidden[start:end] = (grad_logits @ weight32).to(hidden.dtype)
+                grad_hidden[start:end] = (grad_logits.to(compute) @ weight_c).to(hidden.dtype)
             if need_weight:
                 grad_weight.addmm_(grad_logits.t(), h.float())
             if need_bias:

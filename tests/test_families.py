@@ -3,6 +3,7 @@ merge, packed == unpacked; the model's own loss where logits are transformed; th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -197,23 +198,70 @@ def test_attention_kernels_that_cannot_train_here_are_refused(small_tasks, tmp_p
             trainer_for(small_tasks, tmp_path, "llama", attn_implementation="flash_attention_2")
 
 
-def test_start_up_checks_of_a_bf16_model_run_on_a_float32_miniature():
-    """bf16 rounding would pass for a leak (or hide one): the checks run on a float32 twin of the model's code."""
+def _llama(kernel: str, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mftcoder.families import float32_probe, packing_difference
+    config = AutoConfig.for_model("llama", **{**FAMILIES["llama"], "vocab_size": 1000, **overrides})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=kernel)
+
+
+def _probe_samples(lengths=(20, 15)):
+    rng = np.random.default_rng(0)
+    return [(rng.integers(3, 1000, n).astype(np.int32), np.ones(n, dtype=np.uint8), 0) for n in lengths]
+
+
+def test_a_kernel_that_sees_samples_only_in_one_row_gets_packed_rows_as_one_row():
+    """flash-attention reads packed samples from position ids only in a batch of one row (varlen_attention.py emulates
+    it on CPU). Several packed rows as rows leak; the same rows flattened into one are exactly each sample alone. The
+    start-up check runs several rows, so it sees the leak and the flattened layout passes."""
+    import varlen_attention
+
+    from mftcoder.families import CheckContext, check_runner, leak_gap, packs_as_one_row, position_gap
     from mftcoder.loss import SupervisedLM
 
-    config = AutoConfig.for_model("llama", **{**FAMILIES["llama"], "num_hidden_layers": 4, "vocab_size": 1000})
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(torch.bfloat16)
+    model, samples, cpu = _llama(varlen_attention.NAME), _probe_samples(), torch.device("cpu")
+    assert packs_as_one_row(varlen_attention.NAME) and not packs_as_one_row("sdpa")
+    as_rows, flat = SupervisedLM(model), SupervisedLM(model, flat_packing=True)
+    assert position_gap(as_rows, samples, 0, cpu) > 0.1 and leak_gap(as_rows, samples, 0, cpu) > 0.1
+    assert position_gap(flat, samples, 0, cpu) < 1e-5 and leak_gap(flat, samples, 0, cpu) == 0
+    context = CheckContext(cpu, contextlib.nullcontext(), exact=True)
+    assert check_runner(as_rows, as_rows, "auto", samples, 0, context) == "dynamic"
+    with pytest.raises(ConfigError, match="does not keep packed samples apart"):
+        check_runner(as_rows, as_rows, "pack", samples, 0, context)
+    assert check_runner(flat, flat, "auto", samples, 0, context) == "pack"
+
+
+def test_start_up_checks_in_bf16_compare_what_bf16_noise_leaves_exact():
+    """In bf16 each sample alone differs from it packed by rounding (>1e-4), so that comparison runs on a float32
+    miniature of the model's code; the leak check runs the model as it trains (bf16 weights, or bf16 autocast) and is
+    exact there: a sample's losses do not move at all when the samples before it change."""
+    from mftcoder.families import float32_probe, leak_gap, position_gap
+    from mftcoder.loss import SupervisedLM
+
+    model, samples, cpu = _llama("sdpa", num_hidden_layers=4), _probe_samples(), torch.device("cpu")
     rng_before = torch.get_rng_state()
-    probe = float32_probe(model)
+    probe = float32_probe(model.to(torch.bfloat16))
     assert type(probe) is type(model) and probe.config.num_hidden_layers == 2 and model.config.num_hidden_layers == 4
     assert {p.dtype for p in probe.parameters()} == {torch.float32} and probe.config._attn_implementation == "sdpa"
-    assert float32_probe(probe) is probe  # a float32 model is checked as itself
-    rng = np.random.default_rng(0)
-    samples = [(rng.integers(3, 1000, 30).astype(np.int32), np.ones(30, dtype=np.uint8), 0) for _ in range(2)]
-    cpu = torch.device("cpu")
-    assert packing_difference(SupervisedLM(probe), samples, 0, cpu) < 1e-5
-    assert packing_difference(SupervisedLM(model), samples, 0, cpu) > 1e-4  # bf16 noise alone, no leak
     assert torch.equal(torch.get_rng_state(), rng_before)  # building the probe did not move the run's RNG
+    assert position_gap(SupervisedLM(probe), samples, 0, cpu) < 1e-5
+    assert position_gap(SupervisedLM(model), samples, 0, cpu) > 1e-4  # bf16 noise alone, no leak
+    assert leak_gap(SupervisedLM(model), samples, 0, cpu) == 0
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    assert leak_gap(SupervisedLM(model.float()), samples, 0, cpu, autocast) == 0
+    # flash-attention has no float32: the miniature checks the model's code with sdpa (the leak check runs the real one)
+    model.config._attn_implementation = "flash_attention_2"
+    assert float32_probe(model).config._attn_implementation == "sdpa"
+
+
+def test_flash_attention_needs_bf16_compute():
+    """float32 weights outside autocast would reach flash-attention in float32, which it refuses (a crash at start-up)."""
+    from mftcoder.families import check_attention, computes_in_float32
+
+    model = _llama("sdpa")
+    model.config._attn_implementation = "flash_attention_2"
+    assert not computes_in_float32(model, bf16=False)  # so the exact checks run on an sdpa miniature
+    with pytest.raises(ConfigError, match="flash_attention_2 computes in bf16/fp16 only.*set bf16: true"):
+        check_attention(model, torch.device("cuda"), reduced_precision=False)
+    check_attention(model, torch.device("cuda"), reduced_precision=True)  # bf16 autocast, or bf16 weights

@@ -164,12 +164,16 @@ def test_evaluation_forms_no_output_layer_gradient():
     assert [op for op, _ in log.seen] == ["aten.zeros_like"] + ["aten.addmm_"] * 3
 
 
-def test_a_half_precision_output_layer_is_converted_once_per_forward_not_per_chunk():
-    model = tiny_neox().to(torch.bfloat16)
+def test_the_output_layer_is_never_copied_to_float32_and_cast_once_per_forward_under_autocast():
+    """A bf16 output layer stays bf16 (the old float32 copy, vocab x hidden x 4 bytes, fed a matmul that autocast ran in
+    bf16 anyway); a float32 one under bf16 autocast is cast once per forward, not once per chunk."""
     batch, _ = make_batch([A, B, C])  # 6 supervised tokens: 3 chunks of 2
     batch.input_ids = torch.randint(0, 300, batch.input_ids.shape)
     batch.targets = torch.randint(0, 300, batch.input_ids.shape)
-    weight = model.get_output_embeddings().weight
-    with ShapeLog(weight.shape) as log:
-        SupervisedLM(model, chunk_tokens=2)(batch, torch.ones(6))
-    assert [op for op, dtype in log.seen if dtype == torch.float32 and op == "aten._to_copy"] == ["aten._to_copy"]
+    for dtype, autocast, copies in ((torch.bfloat16, False, []), (torch.float32, True, [torch.bfloat16])):
+        model = tiny_neox().to(dtype)
+        with ShapeLog(model.get_output_embeddings().weight.shape) as log, torch.autocast("cpu", enabled=autocast):
+            loss, _ = SupervisedLM(model, chunk_tokens=2)(batch, torch.ones(6))
+        loss.backward()
+        assert [d for op, d in log.seen if op == "aten._to_copy"] == copies
+        assert model.get_output_embeddings().weight.grad.dtype == dtype

@@ -160,9 +160,26 @@ class Batch:
         return [Batch(**{k: v[start:start + per_piece] if v is not None else None for k, v in parts.items()})
                 for start in range(0, rows, per_piece)]
 
+    def flattened(self) -> "Batch":
+        """The rows one after another as a single row ([1, B*T]; loss_mask order unchanged). Packed samples then stay
+        apart in attention kernels that read sample boundaries from restarting position_ids only in a batch of one
+        row (flash-attention); each row's trailing padding restarts its positions too, so it is a segment of its own."""
+        return self if self.input_ids.shape[0] == 1 else self._map(lambda t: t.reshape(1, -1))
+
     def to(self, device: torch.device) -> "Batch":
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Batch(**{k: v.to(device, non_blocking=True) if v is not None else None for k, v in moved.items()})
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (the DataLoader calls this with pin_memory=True), so that .to(cuda) runs asynchronously."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def stand_in(self) -> "Batch":
+        """A loss-free forward pass of one token (this batch's first), counted as no token: what a rank runs to keep
+        in step with ranks that have more passes."""
+        return stand_in(int(self.input_ids[0, 0]))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
+        return Batch(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in dataclasses.fields(self)})
 
 
 Sample = tuple[np.ndarray, np.ndarray, int]  # (input ids, loss mask over input tokens, task id)
@@ -220,7 +237,11 @@ class SampleReader(torch.utils.data.Dataset):
         return collate(samples, self.pad_id, self.pad_to, self.packed)
 
     def stand_in(self) -> Batch:
-        """One pad token, packed (no attention mask to fully mask), carrying no loss and counted as no token."""
-        batch = collate([[(np.array([self.pad_id]), np.zeros(1, dtype=np.uint8), 0)]], self.pad_id, packed=True)
-        batch.attention_mask.zero_()
-        return batch
+        return stand_in(self.pad_id)
+
+
+def stand_in(token_id: int) -> Batch:
+    """One token, packed (no attention mask to fully mask), carrying no loss and counted as no token."""
+    batch = collate([[(np.array([token_id]), np.zeros(1, dtype=np.uint8), 0)]], token_id, packed=True)
+    batch.attention_mask.zero_()
+    return batch

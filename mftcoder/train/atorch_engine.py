@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from mftcoder.config import Config, ConfigError
-from mftcoder.train.distributed import DistEnv, Parallelism, clip_gradients, decoder_layer_classes
+from mftcoder.train.distributed import (DistEnv, Parallelism, clip_gradients, decoder_layer_classes,
+                                        ensure_process_group)
 
 # What mftcoder runs through ATorch, and where (measured on CPU with 2 ranks; see README "ATorch").
 CPU_AND_GPU = ("parallel_mode", "zero1", "checkpoint")
@@ -191,8 +192,7 @@ class AtorchEngine(Parallelism):
         from mftcoder.model import parameter_groups
 
         auto_accelerate = import_auto_accelerate()
-        if not torch.distributed.is_initialized():  # ATorch's parallel groups need a process group, even of one
-            torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        ensure_process_group(self.env)  # ATorch's parallel groups need a process group, even of one
         status, result, _ = auto_accelerate(
             runner, torch.optim.AdamW, loss_func=_runner_loss, optim_args=dict(optimizer.kwargs),
             optim_param_func=lambda wrapped: parameter_groups(wrapped, optimizer.weight_decay),

@@ -221,6 +221,24 @@ def check_resume(checkpoint: Path, config: dict, layout: dict) -> None:
     check_layout(checkpoint, layout)
 
 
+def resumed_padding_mode(checkpoint: Path, decided: str, say=None) -> str:
+    """The batch layout a resumed run uses: the one the checkpoint recorded (padding_mode auto is decided at start-up,
+    and another kernel, dtype or device may decide otherwise, which would change the data order). A checkpoint that
+    packed, resumed where packing would let samples see each other, is refused."""
+    path = checkpoint / RESUME_DIR / "layout.json"
+    recorded = json.loads(path.read_text()).get("padding_mode") if path.is_file() else None
+    if recorded is None or recorded == decided:  # (checkpoints from before this was recorded: as decided)
+        return decided
+    if recorded == "pack":
+        raise ConfigError(f"padding_mode: {checkpoint} was trained with packed rows, and packing is not safe here (the "
+                          f"start-up check chose {decided!r}: another attention kernel, dtype or device?); resume with "
+                          "the settings it was trained with, or start a new run")
+    if say:
+        say(f"note: padding_mode: the start-up check would choose {decided!r} here, but {checkpoint} was trained with "
+            f"{recorded!r}; continuing with {recorded!r} so that the data order stays the same")
+    return recorded
+
+
 def save_model(model: torch.nn.Module, directory: Path, state: dict | None, dtype: torch.dtype | None) -> None:
     """The user's model into a checkpoint: a LoRA adapter as trained (float32), or the full model as an HF
     directory in `dtype`. `state`: the gathered weights under FSDP (a copy), else None (the model's own). Where

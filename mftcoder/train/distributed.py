@@ -38,9 +38,29 @@ class DistEnv:
         dist.all_reduce(work, op=dist.ReduceOp.SUM)
         return work.to(original)
 
+    def all_reduce_max(self, value: float) -> float:
+        """The largest value over ranks (what every rank then decides on)."""
+        if not self.distributed:
+            return value
+        work = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(work, op=dist.ReduceOp.MAX)
+        return float(work[0])
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def lockstep(self, passes: list) -> tuple[list, int]:
+        """Every rank runs as many forward passes (under FSDP each is a collective; DDP syncs buffers in each): this
+        rank's passes (Batch) padded with loss-free one-token stand-ins to the most any rank has, and the number of
+        passes with real tokens on all ranks."""
+        real = sum(1 for batch in passes if batch.num_tokens)
+        if not self.distributed:
+            return passes, real
+        counts = torch.zeros(2, self.world_size, dtype=torch.long)
+        counts[:, self.rank] = torch.tensor([len(passes), real])
+        counts = self.all_reduce_sum(counts)
+        return passes + [passes[0].stand_in()] * (int(counts[0].max()) - len(passes)), int(counts[1].sum())
 
 
 def init_distributed() -> DistEnv:
@@ -56,6 +76,15 @@ def init_distributed() -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistEnv(dist.get_rank(), world_size, local_rank, device)
+
+
+def ensure_process_group(env: DistEnv) -> None:
+    """A process group of one where an engine needs one and no launcher made it (FSDP2, ATorch): on a HashStore, with
+    the backend of the device (NCCL on a GPU, gloo on CPU); shutdown() ends it."""
+    if not dist.is_initialized():
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                **({"device_id": env.device} if env.device.type == "cuda" else {}))
 
 
 def shutdown(env: DistEnv) -> None:
@@ -138,9 +167,22 @@ class DataParallel(Parallelism):
 
 
 class FullyShard(Parallelism):
-    """FSDP2: each decoder layer sharded on its own, then the root; optimizer state saved per rank."""
+    """FSDP2: each decoder layer sharded on its own, then the root; optimizer state saved per rank. With one process it
+    shards over a group of one, so the numerics (the bf16 mixed-precision policy) and the checkpoint format are those of
+    N processes."""
 
     sharded = True
+
+    def __init__(self, env: DistEnv, bf16: bool = False, reduce_every_pass: bool = True):
+        super().__init__(env, bf16)
+        self.reduce_every_pass = reduce_every_pass
+        ensure_process_group(env)
+
+    def gradient_sync(self, runner, sync):
+        """Gradients reduce-scattered after every pass (each rank keeps only its shard: fsdp_gradient_sync every_pass),
+        or accumulated unsharded on every rank and reduced at the step's last pass (step)."""
+        runner.set_requires_gradient_sync(sync or self.reduce_every_pass)
+        return contextlib.nullcontext()
 
     def wrap(self, runner, model, around_shard=None):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -166,9 +208,9 @@ def make_parallelism(env: DistEnv, config: Config, bf16: bool) -> Parallelism:
         from mftcoder.train.atorch_engine import AtorchEngine
 
         return AtorchEngine(env, config, bf16)
-    if not env.distributed:
-        return Parallelism(env, bf16)
-    return {"ddp": DataParallel, "fsdp": FullyShard}[config.distributed_strategy](env, bf16)
+    if config.distributed_strategy == "fsdp":
+        return FullyShard(env, bf16, reduce_every_pass=config.fsdp_gradient_sync == "every_pass")
+    return DataParallel(env, bf16) if env.distributed else Parallelism(env, bf16)
 
 
 @dataclass

@@ -20,7 +20,9 @@ from mftcoder.data.batching import (Batch, SampleReader, arrange_rows, epoch_pla
                                     plan_lengths)
 from mftcoder.data.prepare import PreparedData, prepare_data
 from mftcoder.data.tasks import per_task_values
-from mftcoder.loss import StepCounts, TaskTotals, token_coefficients
+from mftcoder.families import (CheckContext, check_attention, check_runner, computes_in_float32, packs_as_one_row,
+                               probe_samples)
+from mftcoder.loss import StepCounts, SupervisedLM, TaskTotals, token_coefficients
 from mftcoder.model import load_base_model, load_tokenizer, prepare_for_training, save_dtype
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import (DistEnv, OptimizerSpec, Parallelism, init_distributed, make_parallelism,
@@ -57,15 +59,16 @@ def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], counts: 
     max_forward_tokens positions); returns the step's objective.
 
     Coefficients come from step-level counts, so the summed gradient equals that of one big batch; under
-    data parallelism each rank's share is scaled by the world size because DDP and FSDP average gradients.
+    data parallelism each rank's share is scaled by the world size because DDP and FSDP average gradients. Every rank
+    runs as many passes (env.lockstep), since each is a collective under FSDP.
     """
     env, step_loss = parallel.env, 0.0
-    batches = [piece for batch in batches for piece in batch.split_rows(max_forward_tokens)]
-    aux_scale = 1.0 / (len(batches) * env.world_size)  # a model's auxiliary loss: its mean over the step
-    for i, batch in enumerate(batches):
+    passes, real_passes = env.lockstep([piece for batch in batches for piece in batch.split_rows(max_forward_tokens)])
+    for i, batch in enumerate(passes):
+        aux_scale = 1.0 / real_passes if batch.num_tokens else 0.0  # a model's auxiliary loss: its mean over the step
         batch = batch.to(env.device)
         coefficients = token_coefficients(batch, mode, counts, task_weights)
-        with parallel.gradient_sync(runner, sync=i == len(batches) - 1):
+        with parallel.gradient_sync(runner, sync=i == len(passes) - 1):
             with autocast:
                 output = runner(batch, coefficients, aux_scale)
             loss, token_losses = parallel.loss(batch, output), output[1]
@@ -106,18 +109,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.tokenizer, self.template = load_tokenizer(config)
         self.data: PreparedData = prepare_data(config, self.tokenizer, self.template)
-        self.num_tasks = len(self.data.tasks)
-        self.task_names = [t.name for t in self.data.tasks]
-        task_weights = np.array(per_task_values("task_weights", config.task_weights, self.data.tasks))
-        if task_weights.sum() <= 0:
-            raise ConfigError("task_weights: at least one task needs a positive weight")
-        self.balancer = make_balancer(config, self.task_names, task_weights)
-        if self.balancer.needs_validation and not all(len(t.valid) for t in self.data.per_task):
-            empty = [t.task.name for t in self.data.per_task if not len(t.valid)]
-            raise ConfigError(f"weighted_loss_mode: {config.weighted_loss_mode} weighs tasks by their validation loss, "
-                              f"and task(s) {', '.join(empty)} have no validation samples (data_split "
-                              f"{config.data_split!r}); give the split a validation part, e.g. '95,5,0'")
-        self.sampling_weights = per_task_values("data_weights", config.data_weights, self.data.tasks)
+        self._set_up_tasks(config)
         self.layout = {"world_size": env.world_size, "data": {t.task.name: t.data.digest for t in self.data.per_task}}
         if env.is_main:
             ckpt.remove_incomplete(self.output_dir)  # a save that crashed: its leftovers go, a set-aside one returns
@@ -126,26 +118,7 @@ class Trainer:
                                                   lambda text: tqdm.write(text, file=sys.stderr))
         if self.resume_from is not None:
             ckpt.check_resume(self.resume_from, to_dict(config), self.layout)
-        resume_full = self.resume_from is not None and not ckpt.is_adapter(self.resume_from)
-        full_weights = ckpt.model_weights(self.resume_from) if resume_full else None
-        # Under FSDP only rank 0 reads the weights; the others build an empty twin, filled once it is sharded.
-        loading = RankZeroLoad(env, sharded=config.distributed_strategy == "fsdp")
-        base = load_base_model(config, self.tokenizer, self.template, full_weights, empty=loading.empty)
-        self.save_dtype = save_dtype(config)
-        if config.peft_type and not config.pretrained_model_path and env.is_main:
-            ckpt.save_random_base(base, self.tokenizer, self.output_dir / "base-model", self.save_dtype)
-        self.model = prepare_for_training(base, config)
-        # A quantized base was loaded onto env.device (bitsandbytes weights stay put); an empty one stays on meta.
-        if not config.quantization and not loading.empty:
-            self.model = self.model.to(env.device)
-        if self.resume_from and ckpt.is_adapter(self.resume_from) and not loading.empty:
-            ckpt.load_adapter(self.resume_from, self.model)
-        self.autocast, use_bf16 = self._autocast()
-        self.forward_tokens = forward_token_limit(config, env.device.type)
-        self.parallel = make_parallelism(env, config, use_bf16)
-        runner, self.padding_mode = loading.build_runner(self.model, config.padding_mode, self.data.per_task,
-                                                         self.tokenizer.pad_token_id, tqdm.write if env.is_main else None)
-        self.runner, self.optimizer = loading.prepare(self.parallel, runner, self.model, OptimizerSpec.of(config))
+        self._set_up_model(config, env)
         pad_to = config.seq_length if self.padding_mode == "padding" else None
         self.reader = SampleReader(self.data.per_task, self.tokenizer.pad_token_id, pad_to,
                                    packed=self.padding_mode == "pack")
@@ -166,6 +139,59 @@ class Trainer:
         self.logger = MetricsLogger(self.output_dir, tb_dir, enabled=env.is_main, resumed=resumed)
         self.result = RunResult(self.output_dir, self.output_dir, self.state)
         self.interval = Interval(TaskTotals.zeros(self.num_tasks))
+
+    def _set_up_tasks(self, config: Config) -> None:
+        """Task names, the balancer with the task weights, and the sampling weights."""
+        self.num_tasks = len(self.data.tasks)
+        self.task_names = [t.name for t in self.data.tasks]
+        task_weights = np.array(per_task_values("task_weights", config.task_weights, self.data.tasks))
+        if task_weights.sum() <= 0:
+            raise ConfigError("task_weights: at least one task needs a positive weight")
+        self.balancer = make_balancer(config, self.task_names, task_weights)
+        if self.balancer.needs_validation and not all(len(t.valid) for t in self.data.per_task):
+            empty = [t.task.name for t in self.data.per_task if not len(t.valid)]
+            raise ConfigError(f"weighted_loss_mode: {config.weighted_loss_mode} weighs tasks by their validation loss, "
+                              f"and task(s) {', '.join(empty)} have no validation samples (data_split "
+                              f"{config.data_split!r}); give the split a validation part, e.g. '95,5,0'")
+        self.sampling_weights = per_task_values("data_weights", config.data_weights, self.data.tasks)
+
+    def _set_up_model(self, config: Config, env: DistEnv) -> None:
+        """The model (from the weights or the checkpoint resumed), wrapped by its engine with its optimizer, then the
+        start-up checks on it as it will train: the fused output layer, and whether packed samples stay apart."""
+        resume_full = self.resume_from is not None and not ckpt.is_adapter(self.resume_from)
+        full_weights = ckpt.model_weights(self.resume_from) if resume_full else None
+        self.save_dtype = save_dtype(config)
+
+        def make(empty: bool) -> torch.nn.Module:
+            base = load_base_model(config, self.tokenizer, self.template, full_weights, empty=empty)
+            if config.peft_type and not config.pretrained_model_path and env.is_main and not empty:
+                ckpt.save_random_base(base, self.tokenizer, self.output_dir / "base-model", self.save_dtype)
+            model = prepare_for_training(base, config)
+            if self.resume_from and ckpt.is_adapter(self.resume_from) and not empty:
+                ckpt.load_adapter(self.resume_from, model)
+            return model
+
+        # Under FSDP the model that trains is an empty twin and rank 0 reads the weights into a host copy alone.
+        loading = RankZeroLoad(env, sharded=config.distributed_strategy == "fsdp")
+        self.model = loading.build(make)
+        # A quantized base was loaded onto env.device (bitsandbytes weights stay put); an empty one stays on meta.
+        if not config.quantization and not loading.active:
+            self.model = self.model.to(env.device)
+        self.autocast, use_bf16 = self._autocast()
+        check_attention(self.model, env.device, reduced_precision=use_bf16 or not computes_in_float32(self.model, False))
+        self.forward_tokens = forward_token_limit(config, env.device.type)
+        self.parallel = make_parallelism(env, config, use_bf16)
+        kernel = getattr(self.model.config, "_attn_implementation", None)
+        self.supervised = SupervisedLM(self.model, flat_packing=packs_as_one_row(kernel))
+        self.runner, self.optimizer = loading.prepare(self.parallel, self.supervised, self.model,
+                                                      OptimizerSpec.of(config))
+        context = CheckContext(env.device, self.autocast, computes_in_float32(self.model, use_bf16),
+                               env.all_reduce_max, tqdm.write if env.is_main else None)
+        padding_mode = check_runner(self.supervised, self.runner, config.padding_mode, probe_samples(self.data.per_task),
+                                    self.tokenizer.pad_token_id, context)
+        if self.resume_from is not None:  # the batches (and so the data order) follow the checkpoint's decision
+            padding_mode = ckpt.resumed_padding_mode(self.resume_from, padding_mode, context.say)
+        self.padding_mode = self.layout["padding_mode"] = padding_mode
 
     # --- set-up helpers -------------------------------------------------------------------------
     def _autocast(self) -> tuple[contextlib.AbstractContextManager, bool]:
@@ -242,6 +268,7 @@ class Trainer:
         flat = [rows for step in steps for rows in step]
         loader = torch.utils.data.DataLoader(self.reader, sampler=flat, batch_size=None, collate_fn=_identity,
                                              num_workers=self.config.num_workers,
+                                             pin_memory=self.env.device.type == "cuda",  # so .to(cuda) is asynchronous
                                              generator=torch.Generator().manual_seed(self.config.seed))
         iterator = iter(loader)
         for step in steps:

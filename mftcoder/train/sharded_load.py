@@ -1,7 +1,9 @@
-"""Low-memory start-up under FSDP2: rank 0 reads (or initialises) the weights and every other rank builds an empty
-twin on the meta device. As each FSDP unit (a decoder layer, then the root) is sharded, its weights go from rank 0
-to every rank's shards, and rank 0 lets go of that unit's full tensors. At start-up host memory then holds one
-full copy (rank 0's, shrinking unit by unit) plus the shards, instead of one full copy per rank."""
+"""Start-up under FSDP2: the model that trains is an empty twin (the meta device) on every rank, rank 0 included; rank 0
+alone reads (or initialises) the weights, into a copy on the host (CPU). As each FSDP unit (a decoder layer, then the
+root) is sharded, its weights go from that copy to every rank's shards on the training device, one tensor at a time,
+and rank 0 lets go of the unit's host tensors. So the training device never holds more than the shards plus one tensor
+in transit (the largest model that trains is what the shards hold, not what one GPU holds), and host memory one full
+copy (rank 0's, shrinking unit by unit) instead of one per rank."""
 
 from __future__ import annotations
 
@@ -12,59 +14,57 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from mftcoder.families import build_runner
 from mftcoder.loss import SupervisedLM
 from mftcoder.train.distributed import DistEnv, OptimizerSpec, Parallelism
 
 
 class RankZeroLoad:
-    """The start-up steps that differ when only rank 0 holds real weights (FSDP over several ranks). With one
-    process or DDP (`active` False) each step is what it always was: every rank loads and checks its own model."""
+    """The start-up steps that differ when only rank 0 holds real weights (FSDP, any number of processes). Without
+    sharding (`active` False) each step is what it always was: every rank builds its own model."""
 
     def __init__(self, env: DistEnv, sharded: bool):
         self.env = env
-        self.active = sharded and env.distributed
+        self.active = sharded
+        self.source: torch.nn.Module | None = None  # rank 0's host copy with the real weights, until sharded
 
-    @property
-    def empty(self) -> bool:
-        """Whether this rank builds the model on the meta device (no weights read) and receives its shards."""
-        return self.active and not self.env.is_main
-
-    def build_runner(self, model: torch.nn.Module, padding_mode: str, per_task, pad_id: int,
-                     say=None) -> tuple[SupervisedLM, str]:
-        """The runner and batch layout (families.build_runner). Its start-up checks run the model, so they need real
-        weights: rank 0 runs them and the other ranks take its decisions (the ones a full copy would give)."""
+    def build(self, make: Callable[[bool], torch.nn.Module]) -> torch.nn.Module:
+        """The model that trains, from make(empty): a real one where nothing is sharded; under FSDP an empty twin on
+        every rank, rank 0 also keeping make(False) on the host (built second, so the RNG ends where a real build
+        leaves it: the empty build consumes none)."""
         if not self.active:
-            return build_runner(model, padding_mode, per_task, pad_id, self.env.device, say)
-        decision: list = [None]
+            return make(False)
+        model = make(True)
         if self.env.is_main:
-            runner, layout = build_runner(model, padding_mode, per_task, pad_id, self.env.device, say)
-            decision = [(runner.fused_head, layout)]
-        dist.broadcast_object_list(decision, src=0)
-        fused_head, layout = decision[0]
-        return (runner if self.env.is_main else SupervisedLM(model, fused_head=fused_head)), layout
+            self.source = make(False)
+        return model
 
     def prepare(self, parallel: Parallelism, runner: torch.nn.Module, model: torch.nn.Module,
                 optimizer: OptimizerSpec) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        """parallel.prepare(...), each unit's shards filled from rank 0 as it is sharded; then the buffers and rank
-        0's RNG state (building the real model advanced it; dropout then matches a full load)."""
+        """parallel.prepare(...), each unit's shards filled from rank 0's host copy as it is sharded; then the buffers
+        and rank 0's RNG state (building the real model advanced it; dropout then matches a full load)."""
         if not self.active:
             return parallel.prepare(runner, model, optimizer)
-        prepared = parallel.prepare(runner, model, optimizer, around_shard=self.shard_and_fill)
-        broadcast_buffers(model, self.env.device)
+        source = SupervisedLM(self.source) if self.env.is_main else None  # the runner's own qualified names
+        paths = {id(module): name for name, module in runner.named_modules()}
+        prepared = parallel.prepare(runner, model, optimizer, around_shard=lambda unit, shard: self.shard_and_fill(
+            unit, shard, source.get_submodule(paths[id(unit)]) if source is not None else None))
+        broadcast_buffers(runner, source, self.env.device)
         rng = [torch.get_rng_state() if self.env.is_main else None]
         dist.broadcast_object_list(rng, src=0)
         torch.set_rng_state(rng[0])
+        self.source = None  # every weight is on the device now
         return prepared
 
-    def shard_and_fill(self, unit: torch.nn.Module, shard: Callable[[torch.nn.Module], None]) -> None:
-        """Shard one FSDP unit, then give every rank its shards of the unit's own parameters (those no inner unit
-        took) from rank 0's full tensors, one module at a time; rank 0 drops each full tensor once it is sent."""
+    def shard_and_fill(self, unit: torch.nn.Module, shard: Callable[[torch.nn.Module], None],
+                       source: torch.nn.Module | None) -> None:
+        """Shard one FSDP unit (still empty), then give every rank its shards of the unit's own parameters (those no
+        inner unit took) from rank 0's host tensors (`source`, the same unit there), one module at a time; rank 0
+        drops each host tensor once it is sent."""
         own = own_parameters(unit)
-        full = {name: unit.get_parameter(name).detach() for name in own} if self.env.is_main else {}
+        full = {name: source.get_parameter(name).detach() for name in own} if source is not None else {}
         shard(unit)
         for owner, names in owners(list(own)).items():
-            state = {name.rpartition(".")[2]: full.pop(name) for name in names} if self.env.is_main else {}
+            state = {name.rpartition(".")[2]: full.pop(name) for name in names} if source is not None else {}
             fill_module(unit.get_submodule(owner), state)
         for name, aliases in own.items():  # a tied parameter (embeddings and output layer) stays one parameter
             for alias in aliases:
@@ -96,20 +96,22 @@ def owners(names: list[str]) -> dict[str, list[str]]:
 
 
 def fill_module(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """One module's sharded parameters from rank 0's full tensors (`state`; {} on the other ranks). On an empty
-    rank the meta shards are replaced by real ones (load_state_dict assign, which FSDP2 follows)."""
+    """One module's sharded parameters from rank 0's full host tensors (`state`; {} on the other ranks): each goes to
+    the device, is broadcast, and every rank keeps its shard; the empty (meta) shards are replaced by real ones
+    (load_state_dict assign, which FSDP2 follows)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    with warnings.catch_warnings():  # an empty rank has no real tensor to take the device from, so torch asks the
+    with warnings.catch_warnings():  # an empty module has no real tensor to take the device from, so torch asks the
         warnings.filterwarnings("ignore", message=".*(_get_pg_default_device|Multiple backends are registered)")
         set_model_state_dict(module, state, options=options)  # process group (cpu: gloo, cuda: nccl) and says so
 
 
-def broadcast_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Every buffer from rank 0, which has them all; an empty rank's meta buffers (rotary inv_freq: not in the
-    state dict) are allocated first. The ranks check first that they built the same buffers."""
-    buffers = list(model.named_buffers())
+def broadcast_buffers(runner: torch.nn.Module, source: torch.nn.Module | None, device: torch.device) -> None:
+    """Every buffer from rank 0's host copy (`source`; None elsewhere), which has them all: the empty ones (rotary
+    inv_freq: not in the state dict) are allocated on the device first. The ranks check first that they built the
+    same buffers."""
+    buffers = list(runner.named_buffers())
     layout = [(name, tuple(b.shape), str(b.dtype)) for name, b in buffers]
     theirs = [layout]
     dist.broadcast_object_list(theirs, src=0)
@@ -119,5 +121,7 @@ def broadcast_buffers(model: torch.nn.Module, device: torch.device) -> None:
         if buffer.is_meta:
             owner, _, leaf = name.rpartition(".")
             buffer = torch.empty_like(buffer, device=device)
-            setattr(model.get_submodule(owner), leaf, buffer)
+            setattr(runner.get_submodule(owner), leaf, buffer)
+        if source is not None:
+            buffer.copy_(source.get_buffer(name))
         dist.broadcast(buffer, src=0)
