@@ -254,6 +254,9 @@ def check_runner(supervised, runner: torch.nn.Module, padding_mode: str, samples
     positions = context.agree(position_gap(exact_runner, samples, pad_id, context.device))
     leak = context.agree(leak_gap(runner, samples, pad_id, context.device, context.autocast))
     leak_limit = TOLERANCE if context.exact else REDUCED_PRECISION_LEAK
+    if say:
+        say(f"note: packing check: samples packed in rows vs each alone differ by {positions:.2g} (float32), move by "
+            f"{leak:.2g} when the samples before them change (limit {leak_limit:g})")
     if positions <= TOLERANCE and leak <= leak_limit:
         return "pack"
     reason = ("this model does not keep packed samples apart (per-token losses of samples packed in rows differ "

@@ -254,6 +254,7 @@ def save_sharded_optimizer(runner: torch.nn.Module, optimizer: torch.optim.Optim
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    reshard(runner)
     dcp.save({"optimizer": get_optimizer_state_dict(runner, optimizer)}, checkpoint_id=directory / "optimizer")
 
 
@@ -261,9 +262,20 @@ def load_sharded_optimizer(runner: torch.nn.Module, optimizer: torch.optim.Optim
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    reshard(runner)
     state = {"optimizer": get_optimizer_state_dict(runner, optimizer)}
     dcp.load(state, checkpoint_id=directory / "optimizer")
     set_optimizer_state_dict(runner, optimizer, optim_state_dict=state["optimizer"])
+
+
+def reshard(runner: torch.nn.Module) -> None:
+    """FSDP2 keeps the root's parameters unsharded after a forward pass until the next backward (the start-up checks,
+    evaluation); the optimizer's state is keyed by the sharded ones, so they go back first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in runner.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> tuple[type, ...]:

@@ -26,7 +26,7 @@ from mftcoder.loss import StepCounts, SupervisedLM, TaskTotals, token_coefficien
 from mftcoder.model import load_base_model, load_tokenizer, prepare_for_training, save_dtype
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import (DistEnv, OptimizerSpec, Parallelism, init_distributed, make_parallelism,
-                                        shutdown)
+                                        reshard, shutdown)
 from mftcoder.train.evaluators import make_evaluators
 from mftcoder.train.metrics import MetricsLogger
 from mftcoder.train.plots import write_curves
@@ -189,6 +189,7 @@ class Trainer:
                                env.all_reduce_max, tqdm.write if env.is_main else None)
         padding_mode = check_runner(self.supervised, self.runner, config.padding_mode, probe_samples(self.data.per_task),
                                     self.tokenizer.pad_token_id, context)
+        reshard(self.runner)  # FSDP2 keeps the root unsharded after the checks' forward passes: let it go now
         if self.resume_from is not None:  # the batches (and so the data order) follow the checkpoint's decision
             padding_mode = ckpt.resumed_padding_mode(self.resume_from, padding_mode, context.say)
         self.padding_mode = self.layout["padding_mode"] = padding_mode
