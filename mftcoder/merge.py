@@ -18,6 +18,16 @@ class AdapterMismatch(DataError):
     """The adapter was not trained on this base model."""
 
 
+def layer_sizes(module: torch.nn.Module) -> tuple[int | None, int | None]:
+    """(input, output) features of a layer LoRA can sit on: nn.Linear, or GPT-2's Conv1D (a linear layer whose weight
+    is stored transposed, [in, out]); (None, None) for anything else."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return tuple(module.weight.shape)
+    return getattr(module, "in_features", None), getattr(module, "out_features", None)
+
+
 def check_adapter_fits(base: torch.nn.Module, adapter_dir: Path) -> None:
     """Every LoRA matrix must sit on a linear layer of the base with matching in/out features."""
     weights = adapter_dir / "adapter_model.safetensors"
@@ -39,7 +49,7 @@ def check_adapter_fits(base: torch.nn.Module, adapter_dir: Path) -> None:
             if module is None:
                 problems.append(f"the adapter has weights for '{name}', which this base model does not have")
                 continue
-            expected = getattr(module, "in_features" if part == "A" else "out_features", None)
+            expected = layer_sizes(module)[0 if part == "A" else 1]
             actual = shape[1] if part == "A" else shape[0]
             if expected != actual:
                 side = "input" if part == "A" else "output"

@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from mftcoder.config import build_config
 from mftcoder.data.records import parse_record
 from mftcoder.data.tokenize import encode_conversations
 from mftcoder.infer import Sampling, generate, load, prompt_ids
+from mftcoder.merge import merge
 from mftcoder.model import DEMO_DATA
 from mftcoder.train.loop import train
 
@@ -208,3 +210,37 @@ def test_a_half_precision_checkpoint_computes_in_float32_on_cpu_unless_asked(mem
                  str(tmp_path / "o.jsonl"), "--max_new_tokens", "60", "--dtype", "float32"]) == 0
     (out,) = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert len(out["generations"]) == 1 and out["generations"][0]
+
+
+def test_adapters_on_gpt2_conv1d_layers_are_checked_and_merged(tmp_path):
+    """GPT-2-style models hold their projections in Conv1D layers (a linear layer with its weight stored [in, out])."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mftcoder.merge import AdapterMismatch, check_adapter_fits
+    from mftcoder.model import SHIPPED_TOKENIZER
+
+    def gpt2(width: int, folder: str):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=50304, n_embd=width, n_layer=1,
+                                                                      n_head=4, n_positions=64))
+        model.save_pretrained(tmp_path / folder)
+        shutil.copytree(SHIPPED_TOKENIZER, tmp_path / folder, dirs_exist_ok=True)
+        return model
+
+    base = gpt2(32, "base")
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # a trained adapter, not the zero one LoRA starts from
+    ids = torch.randint(0, 50000, (2, 9))
+    with torch.no_grad():
+        expected = lora.eval()(ids).logits
+    lora.save_pretrained(tmp_path / "adapter")
+    check_adapter_fits(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"))
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(ids).logits, expected, atol=1e-5)
+    with pytest.raises(AdapterMismatch, match="'transformer.h.0.attn.c_attn': the adapter expects input size 32, the "
+                                              "base has 64"):
+        check_adapter_fits(gpt2(64, "other"), tmp_path / "adapter")
