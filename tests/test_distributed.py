@@ -171,3 +171,26 @@ def test_activation_checkpointing_under_fsdp_trains_exactly_as_without(small_tas
     a, b = final_weights(tmp_path / "plain", 2), final_weights(tmp_path / "recomputed", 2)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # the adapters did train
+
+
+def test_ranks_with_different_numbers_of_passes_stay_in_lockstep_under_fsdp(tmp_path):
+    """max_forward_tokens splits each rank's micro-batch by its own width: here rank 0 runs one pass and rank 1 two.
+    Under FSDP2 every pass is a collective, so rank 0 pads with a loss-free stand-in pass; the step ends (it would hang)
+    with the gradients one process gets from both micro-batches."""
+    import lockstep_probe
+
+    from mftcoder.loss import SupervisedLM
+    from mftcoder.train.distributed import DistEnv, Parallelism
+
+    done = run_bounded([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "tests" / "lockstep_probe.py"), str(tmp_path)], timeout=180)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert [json.loads((tmp_path / f"passes-{r}.json").read_text()) for r in (0, 1)] == [1, 2]
+    two = load_file(tmp_path / "grads.safetensors")
+    model = lockstep_probe.tiny_model()
+    one = lockstep_probe.step_gradients(SupervisedLM(model), model, [lockstep_probe.micro_batch(r) for r in (0, 1)],
+                                        Parallelism(DistEnv()))
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-7), (name, (one[name] - two[name]).abs().max())
+    assert max(float(g.abs().max()) for g in one.values()) > 1e-3  # a real step, not zeros
