@@ -29,11 +29,12 @@ class RankZeroLoad:
 
     def build(self, make: Callable[[bool], torch.nn.Module]) -> torch.nn.Module:
         """The model that trains, from make(empty): a real one where nothing is sharded; under FSDP an empty twin on
-        every rank, rank 0 also keeping make(False) on the host (built second, so the RNG ends where a real build
-        leaves it: the empty build consumes none)."""
+        every rank, rank 0 also keeping make(False) on the host. The twin is built with the RNG set aside (initialising
+        LoRA on the meta device still draws from it), so rank 0's real build draws what one process would."""
         if not self.active:
             return make(False)
-        model = make(True)
+        with torch.random.fork_rng(devices=[]):
+            model = make(True)
         if self.env.is_main:
             self.source = make(False)
         return model
