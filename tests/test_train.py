@@ -249,3 +249,25 @@ def test_activation_checkpointing_full_fine_tuning_trains_exactly_as_without(sma
     assert plain.step_losses[-1] < plain.step_losses[0]
     a, b = weights_of(plain.final_checkpoint), weights_of(recomputed.final_checkpoint)
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_resume_keeps_the_batch_layout_the_checkpoint_recorded(small_tasks, tmp_path):
+    """padding_mode auto is decided at start-up; a resumed run that would decide otherwise (another kernel, dtype or
+    device) would see the data in another order, so it follows the checkpoint (or refuses to pack where that leaks)."""
+    train(make_config(small_tasks, tmp_path, max_steps=2, evaluation_strategy="no"))
+    checkpoint, notes = tmp_path / "checkpoint-2", []
+    layout_file = checkpoint / ckpt.RESUME_DIR / "layout.json"
+    layout = json.loads(layout_file.read_text())
+    assert layout["padding_mode"] == "pack"  # what auto decided for the tiny model
+    assert ckpt.resumed_padding_mode(checkpoint, "pack") == "pack"
+    with pytest.raises(ConfigError, match="was trained with packed rows, and packing is not safe here"):
+        ckpt.resumed_padding_mode(checkpoint, "dynamic")
+    layout_file.write_text(json.dumps({**layout, "padding_mode": "dynamic"}))  # as if trained where packing was off
+    from mftcoder.train.manifest import write_manifest
+
+    write_manifest(checkpoint)
+    assert ckpt.resumed_padding_mode(checkpoint, "pack", notes.append) == "dynamic"
+    assert "continuing with 'dynamic' so that the data order stays the same" in notes[0]
+    trainer = Trainer(make_config(small_tasks, tmp_path, max_steps=3, resume_from_checkpoint="auto"), DistEnv())
+    assert trainer.padding_mode == "dynamic" and trainer.reader.packed is False
+    trainer.close()
