@@ -12,7 +12,7 @@ Each row reports tokens/s, MFU (6 x body parameters x tokens/s over the GPUs' de
 row must equal its unpacked reference within 1e-2 (bf16). Exits non-zero if any row fails; rows that would run past
 --budget (default 420 s) are skipped and reported as such.
 
---cpu (or no GPU): the same rows on the shipped tiny model, 2 processes of FSDP2 on gloo, float32, tolerance 1e-4: a
+--cpu (or no GPU): the same rows on the shipped tiny model, 2 processes of FSDP2 on gloo, float32, 2 steps, tolerance 1e-4: a
 rehearsal of this script with the GPU machine's packages (tests/test_gpu_check.py runs it offline).
 --wheels DIR: pure-Python or manylinux wheels to add (pip install --no-deps --no-index --target), e.g. bitsandbytes.
 --out DIR: where table.txt, results.json and logs.txt go (the work folder, with checkpoints, is a temporary one).
@@ -57,22 +57,23 @@ class Row:
     kernel: str
     padding: str  # pack | dynamic
     reference: str | None = None  # the unpacked row whose step-0 validation loss this one must equal
-    values: dict = field(default_factory=dict)
+    engine: str | None = None  # distributed_strategy, when not the mode's own (fsdp; ddp for QLoRA)
     result: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return f"{self.model}-{self.mode}-{self.padding}-{self.kernel}"
+        return f"{self.model}-{self.mode}-{self.padding}-{self.kernel}" + (f"-{self.engine}" if self.engine else "")
 
 
-def plan(gpu: bool, kernels: list[str], bnb: bool) -> list[Row]:
-    """The rows, most important first (a tight --budget skips the last ones)."""
+def plan(gpu: bool, kernels: list[str], bnb: bool, atorch: bool) -> list[Row]:
+    """The rows, most important first (a tight --budget skips the last ones). With ATorch importable, one more row per
+    model: distributed_strategy atorch (its default strategy for the device) against the unpacked fsdp row."""
     if not gpu:
         ref = "tiny-test-full-dynamic-sdpa"
-        return [Row("tiny-test", "full", "sdpa", "dynamic"), Row("tiny-test", "full", "sdpa", "pack", ref),
-                Row("tiny-test", "full", "eager", "pack", ref),
-                Row("tiny-test", "lora", "sdpa", "dynamic"),
-                Row("tiny-test", "lora", "sdpa", "pack", "tiny-test-lora-dynamic-sdpa")]
+        # LoRA starts as the base model (B = 0), so its step-0 loss has the full row's reference
+        rows = [Row("tiny-test", "full", "sdpa", "dynamic"), Row("tiny-test", "full", "sdpa", "pack", ref),
+                Row("tiny-test", "full", "eager", "pack", ref), Row("tiny-test", "lora", "sdpa", "pack", ref)]
+        return rows + ([Row("tiny-test", "full", "sdpa", "dynamic", ref, engine="atorch")] if atorch else [])
     rows = [Row("smollm2-135m", "full", "sdpa", "dynamic")]
     rows += [Row("smollm2-135m", "full", k, "pack", "smollm2-135m-full-dynamic-sdpa") for k in kernels]
     rows += [Row("smollm2-135m", "lora", "sdpa", "dynamic"),
@@ -82,6 +83,8 @@ def plan(gpu: bool, kernels: list[str], bnb: bool) -> list[Row]:
     rows += [Row("llama-1b", "lora", "sdpa", "dynamic")]
     rows += [Row("llama-1b", "lora", k, "pack", "llama-1b-lora-dynamic-sdpa") for k in kernels]
     rows += [Row("llama-1b", "full", "sdpa", "pack")]  # FSDP2 full fine-tuning at 1B: memory and speed
+    if atorch:
+        rows += [Row("smollm2-135m", "full", "sdpa", "dynamic", "smollm2-135m-full-dynamic-sdpa", engine="atorch")]
     return rows
 
 
@@ -94,7 +97,7 @@ def config_for(row: Row, gpu: bool, work: Path, steps: int, nproc: int) -> dict:
         "log_interval": 1, "num_warmup_steps": 0, "evaluate_before_training": True, "evaluation_strategy": "steps",
         "evaluation_steps": 10**6, "checkpointing_steps": 10**6, "seed": 42, "plot_curves": False,
         "padding_mode": row.padding, "attn_implementation": row.kernel, "learning_rate": 1e-4 if gpu else 1e-3,
-        "distributed_strategy": "fsdp" if row.mode != "qlora" else "ddp", "bf16": gpu,
+        "distributed_strategy": row.engine or ("fsdp" if row.mode != "qlora" else "ddp"), "bf16": gpu,
     }
     if row.model in MODELS:
         path = work / "models" / f"{row.model}.json"
@@ -191,13 +194,14 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=420.0)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--only", default=None, help="run only the rows whose name contains this text")
+    parser.add_argument("--atorch", action="store_true", help="on CPU too, the ATorch row (on a GPU: where it imports)")
     args = parser.parse_args()
     started = time.perf_counter()
     import torch
     import transformers
 
     gpu = torch.cuda.is_available() and not args.cpu
-    steps = args.steps or (6 if gpu else 3)
+    steps = args.steps or (6 if gpu else 2)
     tolerance = 1e-2 if gpu else 1e-4
     work = Path(tempfile.mkdtemp(prefix="mftcoder-gpu-check-"))
     out = args.out or work
@@ -212,7 +216,8 @@ def main() -> int:
     if gpu and importable("flash_attn", env, python):
         kernels.append("flash_attention_2")
     bnb = gpu and importable("bitsandbytes", env, python)
-    rows = [r for r in plan(gpu, kernels, bnb) if not args.only or args.only in r.name]
+    atorch = importable("atorch", env, python) and (gpu or args.atorch)
+    rows = [r for r in plan(gpu, kernels, bnb, atorch) if not args.only or args.only in r.name]
     if gpu:
         nproc, name = torch.cuda.device_count(), torch.cuda.get_device_name(0)
         peak = next((t * 1e12 for key, t in PEAK_TFLOPS if key in name), None) or 0.0
@@ -244,29 +249,35 @@ def report(rows, done, header, gpu, steps, tolerance, total_peak, out, work, sta
     for row in rows:
         r = row.result
         if r.get("rc") == "skipped (budget)":
-            table.append([row.model, row.mode, row.kernel, row.padding] + ["-"] * 7 + ["SKIP"])
+            table.append([row.model, row.mode, row.kernel, row.padding, row.engine or "fsdp"] + ["-"] * 7 + ["SKIP"])
             continue
         ok = r["rc"] == 0 and len(r["train_losses"]) == steps and all(math.isfinite(x) for x in r["train_losses"])
         checks.append((f"{row.name}: trains {steps} steps, finite losses", f"exit {r['rc']}, "
                        f"{len(r['train_losses'])} steps", ok))
         delta = None
+        ref = done.get(row.reference) if row.reference else None
         if row.reference:
-            ref = done.get(row.reference)
             a, b = r.get("val_loss0"), ref.result.get("val_loss0") if ref else None
             delta = abs(a - b) if a is not None and b is not None else None
             checks.append((f"{row.name}: step-0 validation loss vs {row.reference}",
                            "n/a" if delta is None else f"|d| {delta:.2e} (limit {tolerance:g})",
                            delta is not None and delta <= tolerance))
             ok = ok and delta is not None and delta <= tolerance
+            if row.engine == "atorch" and ref:  # the same batches: training goes the same way
+                last = (r["train_losses"] or [math.nan])[-1], (ref.result["train_losses"] or [math.nan])[-1]
+                close = abs(last[0] - last[1]) <= 0.05 * abs(last[1])
+                checks.append((f"{row.name}: last training loss vs {row.reference}", f"{last[0]:.5f} vs {last[1]:.5f} "
+                               "(limit 5%)", close))
+                ok = ok and close
         params, tps = r.get("params"), r.get("tokens_per_s")
         mfu = 6 * params[0] * tps / total_peak if params and tps and total_peak else None
         table.append([row.model, row.mode, row.kernel, row.padding,
-                      "-" if tps is None else f"{tps:,.0f}", "-" if mfu is None else f"{100 * mfu:.1f}%",
+                      row.engine or ("ddp" if row.mode == "qlora" else "fsdp"), "-" if tps is None else f"{tps:,.0f}", "-" if mfu is None else f"{100 * mfu:.1f}%",
                       "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}",
                       "-" if r.get("val_loss0") is None else f"{r['val_loss0']:.5f}",
-                      "ref" if row.padding == "dynamic" else ("-" if delta is None else f"{delta:.1e}"),
+                      "ref" if row.reference is None else ("-" if delta is None else f"{delta:.1e}"),
                       f"{r['seconds']:.0f}", str(r["rc"]), "PASS" if ok else "FAIL"])
-    names = ["model", "mode", "attention", "padding", "tokens/s", "MFU", "peak GiB", "val loss @0", "|d| vs ref",
+    names = ["model", "mode", "attention", "padding", "engine", "tokens/s", "MFU", "peak GiB", "val loss @0", "|d| vs ref",
              "run s", "exit", "result"]
     widths = [max(len(str(x)) for x in column) for column in zip(names, *table)]
     lines = [header, "tokens/s: median over the steps after the first, real tokens of all processes; MFU: 6 x "
