@@ -218,3 +218,22 @@ def test_module_wrapping_strategies_are_refused_for_lora_and_an_empty_adapter_is
         layers[i] = checkpoint_wrapper(layer)
     with pytest.raises(RuntimeError, match="adapter_model.safetensors is empty: PEFT found no adapter weights"):
         save_model(model, tmp_path, None, None)
+
+
+def test_gathered_weights_are_named_as_the_users_model_whatever_wraps_the_runner():
+    """ATorch on a GPU wraps the runner in FSDP (1) and more; the saved names must be the model's own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mftcoder.loss import SupervisedLM
+    from mftcoder.train.distributed import gathered_model_state, user_model_key
+
+    assert user_model_key("_fsdp_wrapped_module.module.model.model.layers.0.mlp.up_proj.weight") == \
+        "model.layers.0.mlp.up_proj.weight"
+    assert user_model_key("model.gpt_neox.embed_in.weight") == "gpt_neox.embed_in.weight"
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=64, hidden_size=16,
+                                                                  intermediate_size=32, num_hidden_layers=1,
+                                                                  num_attention_heads=2))
+    wrapped = torch.nn.ModuleDict({"module": SupervisedLM(model)})  # a wrapper's extra level of names
+    state = gathered_model_state(wrapped)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

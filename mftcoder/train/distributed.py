@@ -246,7 +246,14 @@ def gathered_model_state(runner: torch.nn.Module) -> dict:
     adapter_only = hasattr(getattr(runner, "model", None), "get_base_model")
     state = get_model_state_dict(runner, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                   ignore_frozen_params=adapter_only))
-    return {key.removeprefix("model."): value for key, value in state.items()}
+    return {user_model_key(key): value for key, value in state.items()}
+
+
+def user_model_key(key: str) -> str:
+    """A runner state-dict key as the user's model names it: everything up to the SupervisedLM's `model.` goes, however
+    many wrappers an engine put around the runner (DDP's `module.`, FSDP (1)'s `_fsdp_wrapped_module.`, ...)."""
+    parts = key.split(".")
+    return ".".join(parts[parts.index("model") + 1:]) if "model" in parts[:-1] else key
 
 
 def save_sharded_optimizer(runner: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
