@@ -91,14 +91,14 @@ def bench_config(args: argparse.Namespace):
 
 def use_every_rank_loading() -> None:
     """The start-up before low-memory loading, for comparison: every rank builds (and checks) the whole model."""
-    import mftcoder.train.loop as loop
+    import mftcoder.train.model_setup as model_setup
     from mftcoder.train.sharded_load import RankZeroLoad
 
     class EveryRankLoads(RankZeroLoad):
         def __init__(self, env, sharded: bool):
             super().__init__(env, sharded=False)
 
-    loop.RankZeroLoad = EveryRankLoads
+    model_setup.RankZeroLoad = EveryRankLoads
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import mftcoder.train.loop as loop
+import mftcoder.train.model_setup as model_setup
 from mftcoder.config import build_config
 from mftcoder.train.distributed import init_distributed, shutdown
 from mftcoder.train.memory_meter import TensorBytes
@@ -30,14 +31,14 @@ def main() -> None:
     values, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     env = init_distributed()
     report: dict = {}
-    load = loop.load_base_model
+    load = model_setup.load_base_model
 
     def load_and_record(*args, **kwargs):
         model = load(*args, **kwargs)
         report.setdefault("built", []).append([all(p.is_meta for p in model.parameters()), real_bytes(model)])
         return model
 
-    prepare = loop.RankZeroLoad.prepare
+    prepare = model_setup.RankZeroLoad.prepare
 
     def prepare_and_measure(self, parallel, runner, model, optimizer):
         with TensorBytes(env.device, real_bytes(runner)) as device:
@@ -45,8 +46,8 @@ def main() -> None:
         report["device_peak_bytes"] = device.peak
         return prepared
 
-    loop.load_base_model = load_and_record  # the trainer's own loading, observed
-    loop.RankZeroLoad.prepare = prepare_and_measure
+    model_setup.load_base_model = load_and_record  # the trainer's own loading, observed
+    model_setup.RankZeroLoad.prepare = prepare_and_measure
     trainer = loop.Trainer(build_config(values)[0], env)
     tensors = [*trainer.model.named_parameters(), *trainer.model.named_buffers()]
     report["meta_after"] = [name for name, tensor in tensors if tensor.is_meta]

@@ -14,25 +14,21 @@ import torch
 from tqdm import tqdm
 
 from mftcoder.balance import Observation, make_balancer
-from mftcoder.config import (Config, ConfigError, check_metric_name, forward_token_limit, resolve_for_world,
-                             to_dict)
+from mftcoder.config import Config, ConfigError, check_metric_name, resolve_for_world, to_dict
 from mftcoder.data.batching import (Batch, SampleReader, arrange_rows, epoch_plan, micro_batches, optimizer_steps,
                                     plan_lengths)
 from mftcoder.data.prepare import PreparedData, prepare_data
 from mftcoder.data.tasks import per_task_values
-from mftcoder.families import (CheckContext, check_attention, check_runner, computes_in_float32, packs_as_one_row,
-                               probe_samples)
-from mftcoder.loss import StepCounts, SupervisedLM, TaskTotals, token_coefficients
-from mftcoder.model import load_base_model, load_tokenizer, prepare_for_training, save_dtype
+from mftcoder.loss import StepCounts, TaskTotals, token_coefficients
+from mftcoder.model import load_tokenizer
 from mftcoder.train import checkpoint as ckpt
-from mftcoder.train.distributed import (DistEnv, OptimizerSpec, Parallelism, init_distributed, make_parallelism,
-                                        reshard, shutdown)
+from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, shutdown
 from mftcoder.train.evaluators import make_evaluators
 from mftcoder.train.metrics import MetricsLogger
 from mftcoder.train.plots import write_curves
 from mftcoder.train.run_folder import RunFolder
 from mftcoder.train.schedule import learning_rate
-from mftcoder.train.sharded_load import RankZeroLoad
+from mftcoder.train.model_setup import set_up_model
 from mftcoder.train.validation import Validation
 
 
@@ -118,7 +114,11 @@ class Trainer:
                                                   lambda text: tqdm.write(text, file=sys.stderr))
         if self.resume_from is not None:
             ckpt.check_resume(self.resume_from, to_dict(config), self.layout)
-        self._set_up_model(config, env)
+        setup = set_up_model(config, env, self.tokenizer, self.template, self.data.per_task, self.resume_from,
+                             self.output_dir)
+        self.model, self.runner, self.optimizer, self.parallel = setup.model, setup.runner, setup.optimizer, setup.parallel
+        self.autocast, self.forward_tokens, self.save_dtype = setup.autocast, setup.forward_tokens, setup.save_dtype
+        self.padding_mode = self.layout["padding_mode"] = setup.padding_mode
         pad_to = config.seq_length if self.padding_mode == "padding" else None
         self.reader = SampleReader(self.data.per_task, self.tokenizer.pad_token_id, pad_to,
                                    packed=self.padding_mode == "pack")
@@ -155,56 +155,7 @@ class Trainer:
                               f"{config.data_split!r}); give the split a validation part, e.g. '95,5,0'")
         self.sampling_weights = per_task_values("data_weights", config.data_weights, self.data.tasks)
 
-    def _set_up_model(self, config: Config, env: DistEnv) -> None:
-        """The model (from the weights or the checkpoint resumed), wrapped by its engine with its optimizer, then the
-        start-up checks on it as it will train: the fused output layer, and whether packed samples stay apart."""
-        resume_full = self.resume_from is not None and not ckpt.is_adapter(self.resume_from)
-        full_weights = ckpt.model_weights(self.resume_from) if resume_full else None
-        self.save_dtype = save_dtype(config)
-
-        def make(empty: bool) -> torch.nn.Module:
-            base = load_base_model(config, self.tokenizer, self.template, full_weights, empty=empty)
-            if config.peft_type and not config.pretrained_model_path and env.is_main and not empty:
-                ckpt.save_random_base(base, self.tokenizer, self.output_dir / "base-model", self.save_dtype)
-            model = prepare_for_training(base, config)
-            if self.resume_from and ckpt.is_adapter(self.resume_from) and not empty:
-                ckpt.load_adapter(self.resume_from, model)
-            return model
-
-        # Under FSDP the model that trains is an empty twin and rank 0 reads the weights into a host copy alone.
-        loading = RankZeroLoad(env, sharded=config.distributed_strategy == "fsdp")
-        self.model = loading.build(make)
-        # A quantized base was loaded onto env.device (bitsandbytes weights stay put); an empty one stays on meta.
-        if not config.quantization and not loading.active:
-            self.model = self.model.to(env.device)
-        self.autocast, use_bf16 = self._autocast()
-        check_attention(self.model, env.device, reduced_precision=use_bf16 or not computes_in_float32(self.model, False))
-        self.forward_tokens = forward_token_limit(config, env.device.type)
-        self.parallel = make_parallelism(env, config, use_bf16)
-        kernel = getattr(self.model.config, "_attn_implementation", None)
-        self.supervised = SupervisedLM(self.model, flat_packing=packs_as_one_row(kernel))
-        self.runner, self.optimizer = loading.prepare(self.parallel, self.supervised, self.model,
-                                                      OptimizerSpec.of(config))
-        context = CheckContext(env.device, self.autocast, computes_in_float32(self.model, use_bf16),
-                               env.all_reduce_max, tqdm.write if env.is_main else None)
-        padding_mode = check_runner(self.supervised, self.runner, config.padding_mode, probe_samples(self.data.per_task),
-                                    self.tokenizer.pad_token_id, context)
-        reshard(self.runner)  # FSDP2 keeps the root unsharded after the checks' forward passes: let it go now
-        if self.resume_from is not None:  # the batches (and so the data order) follow the checkpoint's decision
-            padding_mode = ckpt.resumed_padding_mode(self.resume_from, padding_mode, context.say)
-        self.padding_mode = self.layout["padding_mode"] = padding_mode
-
     # --- set-up helpers -------------------------------------------------------------------------
-    def _autocast(self) -> tuple[contextlib.AbstractContextManager, bool]:
-        """bf16 autocast when asked for, or by default on a GPU that supports it (never by default on CPU:
-        measured here, CPU bf16 autocast was far slower than fp32)."""
-        use_bf16 = self.config.bf16
-        if use_bf16 is None:
-            use_bf16 = self.env.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        if not use_bf16:
-            return contextlib.nullcontext(), False
-        return torch.autocast(self.env.device.type, dtype=torch.bfloat16), True
-
     def _epoch_steps(self, epoch: int) -> list[list[np.ndarray]]:
         config = self.config
         plan = epoch_plan(self.data.per_task, self.sampling_weights, config.seed, epoch)
