@@ -157,7 +157,7 @@ class SupervisedLM(nn.Module):
         and the per-token cross-entropy (float32, detached) at the supervised positions, in loss_mask order."""
         if batch.position_ids is not None and self.flat_packing:
             batch = batch.flattened()
-        layout = model_layout(batch)
+        layout = model_layout(batch, boundaries=self.flat_packing)
         targets = batch.targets[batch.loss_mask]
         if coefficients is None:
             coefficients = torch.zeros(len(targets), device=targets.device)
@@ -191,15 +191,15 @@ class SupervisedLM(nn.Module):
         return total, losses.detach()
 
 
-def model_layout(batch: Batch) -> dict:
+def model_layout(batch: Batch, boundaries: bool = False) -> dict:
     """How a batch's rows are told apart to the model: padded rows by their attention mask; packed rows by position
-    ids that restart at every sample and no mask (transformers then builds a per-row block-diagonal mask). A packed
-    single row also carries the sample boundaries as flash-attention's cumulative lengths, which it would otherwise
-    work out from the position ids in every layer (a device sync each)."""
+    ids that restart at every sample and no mask (transformers then builds a per-row block-diagonal mask). With
+    `boundaries` (a flattened row for flash-attention) also the samples' cumulative lengths, which flash-attention
+    would otherwise work out from the position ids in every layer (a device sync each)."""
     if batch.position_ids is None:
         return {"attention_mask": batch.attention_mask}
     layout = {"position_ids": batch.position_ids, "attention_mask": None}
-    if batch.position_ids.shape[0] == 1:
+    if boundaries and batch.position_ids.shape[0] == 1:
         positions = batch.position_ids[0]
         starts = (positions == 0).nonzero().squeeze(1)
         bounds = torch.cat([starts, starts.new_tensor([len(positions)])]).to(torch.int32)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mftcoder.data.batching import arrange_rows, collate, micro_batches, pack_first_fit_decreasing
-from mftcoder.loss import LOSS_MODES, StepCounts, SupervisedLM, TaskTotals, token_coefficients
+from mftcoder.loss import LOSS_MODES, StepCounts, SupervisedLM, TaskTotals, model_layout, token_coefficients
 
 
 def test_first_fit_decreasing_respects_capacity_and_places_everything():
@@ -119,3 +119,19 @@ def test_collate_shifts_labels_within_each_sample():
     assert batch.token_task.tolist() == [[0, 0, 0, 1, 1, 0, 0]]
     assert batch.token_sample.tolist() == [[0, 0, 0, 1, 1, 2, 2]]
     assert batch.num_tokens == 5 and batch.fill == pytest.approx(5 / 7)
+
+
+def test_a_flattened_packed_batch_carries_its_sample_boundaries():
+    """Rows one after another in one row (what flash-attention gets): same token order, positions restarting at each
+    sample and at each row's trailing padding, and the cumulative lengths flash-attention's varlen kernel takes."""
+    a, b, c = ([(np.arange(n) + 3).astype(np.int32), np.ones(n, dtype=np.uint8), 0] for n in (3, 2, 4))
+    batch = collate([[a, b], [c]], pad_id=0, packed=True)  # width 5: the second row has 1 token of padding
+    flat = batch.flattened()
+    assert flat.input_ids.shape == (1, 10) and torch.equal(flat.input_ids[0], batch.input_ids.reshape(-1))
+    assert torch.equal(flat.targets[flat.loss_mask], batch.targets[batch.loss_mask])  # loss_mask order unchanged
+    assert flat.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]]
+    layout = model_layout(flat, boundaries=True)
+    assert layout["attention_mask"] is None and layout["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 10]
+    assert layout["max_length_q"] == 4 and layout["cu_seq_lens_k"] is layout["cu_seq_lens_q"]
+    assert set(model_layout(flat)) == {"position_ids", "attention_mask"}  # sdpa, eager, flex: positions alone
+    assert batch.stand_in().num_tokens == 0 and batch.stand_in().flattened().input_ids.shape == (1, 1)
