@@ -165,7 +165,8 @@ def leak_gap(runner: torch.nn.Module, samples: list, pad_id: int, device: torch.
     """Largest change of a packed sample's per-token losses when the samples packed before it are replaced by others
     of the same lengths. Where no sample sees another this is 0 in any precision (the same kernels on the same shapes);
     a leak moves them by ~0.3-1 (measured on random tiny and SmolLM2-shaped models, float32 and bf16). So it checks the
-    run's own kernel, dtype and autocast, where comparing with each sample alone would compare bf16 noise."""
+    run's own kernel, dtype and autocast, where comparing with each sample alone would compare bf16 noise.
+    `samples`: two probe_samples (every position supervised, which the spans below count on)."""
     a, b = samples
     other = [(_other_tokens(ids), mask, task) for ids, mask, task in samples]
     base = token_losses(runner, probe_rows(a, b), pad_id, device, autocast=autocast)
