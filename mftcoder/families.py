@@ -80,7 +80,7 @@ def half_precision_only(kernel: str | None) -> bool:
     return kernel is not None and "flash" in kernel
 
 
-def check_attention(model: torch.nn.Module, device: torch.device, reduced_precision: bool) -> None:
+def check_attention(model: torch.nn.Module, device: torch.device, bf16: bool) -> None:
     """Refuse an attention kernel that cannot train here: torch's FlexAttention has no backward on CPU (measured
     with torch 2.13); flash-attention takes only bf16/fp16, so float32 weights need bf16 compute (autocast)."""
     from mftcoder.config import ConfigError
@@ -89,18 +89,22 @@ def check_attention(model: torch.nn.Module, device: torch.device, reduced_precis
     if kernel == "flex_attention" and device.type == "cpu":
         raise ConfigError("attn_implementation: flex_attention has no backward pass on CPU in this torch; "
                           "use sdpa (the CPU default: a flash kernel that keeps packed samples apart)")
-    if half_precision_only(kernel) and not reduced_precision:
+    if half_precision_only(kernel) and not bf16 and float32_weights(model):
         raise ConfigError(f"attn_implementation: {kernel} computes in bf16/fp16 only, and this run computes in float32 "
                           "(bf16: false with float32 weights); set bf16: true (the GPU default) or torch_dtype: "
                           "bfloat16, or use sdpa")
 
 
+def float32_weights(model: torch.nn.Module) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return all(p.dtype == torch.float32 for p in inner.parameters() if p.is_floating_point())
+
+
 def computes_in_float32(model: torch.nn.Module, bf16: bool) -> bool:
     """Whether the model's forward runs in float32 (no bf16 autocast or mixed precision, float32 weights, a kernel that
     takes float32): then the exact start-up checks can run on the model itself."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return (not bf16 and not half_precision_only(getattr(inner.config, "_attn_implementation", None))
-            and all(p.dtype == torch.float32 for p in inner.parameters() if p.is_floating_point()))
+    return (not bf16 and not half_precision_only(getattr(model.config, "_attn_implementation", None))
+            and float32_weights(model))
 
 
 def logit_transforms(model_config) -> list[str]:

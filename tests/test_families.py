@@ -272,5 +272,6 @@ def test_flash_attention_needs_bf16_compute():
     model.config._attn_implementation = "flash_attention_2"
     assert not computes_in_float32(model, bf16=False)  # so the exact checks run on an sdpa miniature
     with pytest.raises(ConfigError, match="flash_attention_2 computes in bf16/fp16 only.*set bf16: true"):
-        check_attention(model, torch.device("cuda"), reduced_precision=False)
-    check_attention(model, torch.device("cuda"), reduced_precision=True)  # bf16 autocast, or bf16 weights
+        check_attention(model, torch.device("cuda"), bf16=False)
+    check_attention(model, torch.device("cuda"), bf16=True)  # bf16 autocast
+    check_attention(model.to(torch.bfloat16), torch.device("cuda"), bf16=False)  # bf16 weights

@@ -66,7 +66,7 @@ def set_up_model(config: Config, env: DistEnv, tokenizer, template, per_task, re
     if not config.quantization and not loading.active:
         model = model.to(env.device)
     autocast, use_bf16 = bf16_autocast(config, env.device)
-    check_attention(model, env.device, reduced_precision=use_bf16 or not computes_in_float32(model, False))
+    check_attention(model, env.device, use_bf16)
     parallel = make_parallelism(env, config, use_bf16)
     supervised = SupervisedLM(model, flat_packing=packs_as_one_row(getattr(model.config, "_attn_implementation", None)))
     runner, optimizer = loading.prepare(parallel, supervised, model, OptimizerSpec.of(config))
