@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 
 from mftcoder.config import Config, ConfigError, describe, load_config
 from mftcoder.data.records import DataError
+from mftcoder.train.stop import Interrupted, raise_on_signals
 
 
 def _is_main_process() -> bool:
@@ -54,7 +56,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "-m", "mftcoder",
                    "train", args.config, *args.overrides]
-        return subprocess.run(command).returncode
+        launcher = subprocess.Popen(command)
+        try:
+            return launcher.wait()
+        except Interrupted as exc:  # Ctrl-C reached the whole process group; a SIGTERM sent to this process only
+            if exc.signum == signal.SIGTERM:  # is passed on, so the ranks stop after their step and save
+                launcher.send_signal(signal.SIGTERM)
+            with raise_on_signals():
+                return launcher.wait()
     from mftcoder.train.checkpoint import CheckpointError
     from mftcoder.train.loop import TrainingError, train
 
@@ -66,6 +75,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if _is_main_process():
         print(f"final checkpoint: {result.final_checkpoint}")
+    if result.stopped_by:
+        name = signal.Signals(result.stopped_by).name
+        if _is_main_process():
+            print(f"stopped by {name} after step {result.state.step}; continue with resume_from_checkpoint: auto",
+                  file=sys.stderr)
+        return 128 + result.stopped_by
     return 0
 
 
@@ -255,13 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:
-        return args.func(args)
+        with raise_on_signals():
+            return args.func(args)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (raise_on_signals)
+        print(f"interrupted ({exc.args[0]})" if isinstance(exc, Interrupted) else "interrupted", file=sys.stderr)
+        return exc.exit_status if isinstance(exc, Interrupted) else 130
     except OSError as exc:
         if exc.errno not in _STORAGE_ERRORS:
             raise

@@ -177,6 +177,7 @@ class Config:
     extra_save_by_epoch: bool = opt(False, "Also save checkpoint-epoch-{k} at each epoch end (always kept).", section="eval")
     save_total_limit: int | None = opt(None, "Keep at most this many step checkpoints: the best and the newest first.", section="eval", valid=POSITIVE_INT)
     resume_from_checkpoint: str | None = opt(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint path.", section="eval")
+    overwrite_output_dir: bool = opt(False, "A new run into an output_dir that holds another run's checkpoints (or, when resuming, checkpoints newer than the one resumed from) is refused, so two runs never mix; true removes them first.", section="eval")
     log_interval: int = opt(10, "Optimizer steps between log lines.", section="eval", valid=POSITIVE_INT)
     plot_curves: bool = opt(True, "At the end, draw output_dir/curves.png: per-task training and validation loss and the task weights over steps (needs matplotlib: pip install 'mftcoder[plot]').", section="eval")
     evaluate_before_training: bool = opt(True, "Evaluate once before the first step (logged as step 0; the baseline).", section="eval")

@@ -22,7 +22,7 @@ from mftcoder.config import ConfigError
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv
 from mftcoder.train.loop import Trainer, train
-from mftcoder.train.manifest import MANIFEST
+from mftcoder.train.manifest import MANIFEST, write_manifest
 from mftcoder.train.run_folder import RunFolder
 
 
@@ -242,3 +242,45 @@ def test_a_fresh_start_keeps_the_earlier_log_aside_instead_of_continuing_it(smal
     train(make_config(small_tasks, tmp_path, max_steps=2, checkpointing_steps=1000, resume_from_checkpoint="auto"))
     assert log_keys(tmp_path) == earlier == [("train", 1), ("train", 2), ("eval", 2)]
     assert log_keys(tmp_path, "metrics.1.jsonl") == earlier
+
+
+def test_a_new_run_into_a_folder_with_another_runs_checkpoints_is_refused_or_replaces_them(small_tasks, tmp_path,
+                                                                                            capsys):
+    old = train(make_config(small_tasks, tmp_path, max_steps=4, checkpointing_steps=4))
+    old_weights = weights_of(old.final_checkpoint)
+    again = dict(max_steps=3, checkpointing_steps=1, save_total_limit=1, learning_rate=1e-2, evaluation_strategy="no")
+    with pytest.raises(ConfigError, match=r"output_dir: .* holds checkpoint-4, which belong to an earlier run; .*"
+                                          r"resume_from_checkpoint: auto.*overwrite_output_dir: true"):
+        train(make_config(small_tasks, tmp_path, **again))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4"]
+    new = train(make_config(small_tasks, tmp_path, **again, overwrite_output_dir=True))
+    assert f"overwrite_output_dir: removed checkpoint-4 from {tmp_path}" in capsys.readouterr().err
+    assert new.final_checkpoint == tmp_path / "checkpoint-3"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
+    assert ckpt.read_state(new.final_checkpoint).step == 3
+    new_weights = weights_of(new.final_checkpoint)
+    assert not torch.equal(new_weights["embed_out.weight"], old_weights["embed_out.weight"])
+    # Resuming from an older checkpoint of the same folder: the newer ones would be mixed in, so also refused.
+    shutil.copytree(new.final_checkpoint, tmp_path / "checkpoint-2")  # stands for an older checkpoint of the run
+    (tmp_path / "checkpoint-2" / ckpt.STATE_FILE).write_text(ckpt.TrainerState(step=2, step_in_epoch=2).to_json())
+    write_manifest(tmp_path / "checkpoint-2")
+    with pytest.raises(ConfigError, match=r"holds checkpoint-3, which are newer than checkpoint-2, the checkpoint"):
+        train(make_config(small_tasks, tmp_path, **again, resume_from_checkpoint=str(tmp_path / "checkpoint-2")))
+
+
+def test_resume_names_changed_settings_and_refuses_another_model(small_tasks, tmp_path, capsys):
+    train(make_config(small_tasks, tmp_path, max_steps=2, peft_type="lora", lora_rank=4))
+    with pytest.raises(ConfigError, match=r"^lora_rank: the checkpoint .*checkpoint-2 trained a model with 4, this run "
+                                          r"asks for 8; a resume continues the checkpoint's model"):
+        train(make_config(small_tasks, tmp_path, max_steps=4, peft_type="lora", lora_rank=8,
+                          resume_from_checkpoint="auto"))
+    with pytest.raises(ConfigError, match=r"^model_config: the checkpoint"):
+        train(make_config(small_tasks, tmp_path, max_steps=4, peft_type="lora", lora_rank=4, model_config="tiny-demo",
+                          resume_from_checkpoint="auto"))
+    capsys.readouterr()
+    resumed = train(make_config(small_tasks, tmp_path, max_steps=3, peft_type="lora", lora_rank=4, learning_rate=1e-2,
+                                resume_from_checkpoint="auto"))
+    assert resumed.state.step == 3
+    note = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("note: resuming from"))
+    assert note == (f"note: resuming from {tmp_path / 'checkpoint-2'} with changed settings (the new values are used): "
+                    "learning_rate 0.002 -> 0.01; max_steps 2 -> 3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import contextlib
 import hashlib
 import itertools
 import json
@@ -264,12 +265,25 @@ def build_cache(task: Task, tokenizer, template: Template, directory: Path, work
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_cache(task, ChunkEncoder(tokenizer, template), tmp, workers)
+        os.rename(tmp, directory)
+    except OSError:  # fine if another process finished the same cache first
+        if not directory.is_dir():
+            raise
+    finally:  # also on an interruption (SIGINT, SIGTERM): nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_cache(task: Task, encoder: ChunkEncoder, tmp: Path, workers: int) -> None:
+    """The cache's files in `tmp`; the worker processes are ended whichever way this returns."""
     starts, file_index, lines, errors = [0], [], [], []
     num_lines = as_text = 0
     digest = hashlib.sha256()
     file_ids = {str(p): i for i, p in enumerate(task.files)}
-    with open(tmp / "ids.bin", "wb") as ids_out, open(tmp / "mask.bin", "wb") as mask_out:
-        for chunk in _run_encoder(task, ChunkEncoder(tokenizer, template), workers):
+    chunks = _run_encoder(task, encoder, workers)
+    with open(tmp / "ids.bin", "wb") as ids_out, open(tmp / "mask.bin", "wb") as mask_out, contextlib.closing(chunks):
+        for chunk in chunks:
             for array, out in ((chunk.ids, ids_out), (chunk.mask, mask_out), (chunk.lengths, None)):
                 digest.update(array.tobytes())
                 if out is not None:
@@ -286,10 +300,6 @@ def build_cache(task: Task, tokenizer, template: Template, directory: Path, work
             "errors": errors, "num_lines": num_lines, "num_tokens": starts[-1], "as_text": as_text,
             "digest": digest.hexdigest()[:32], "built_at": time.time()}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    try:
-        os.rename(tmp, directory)
-    except OSError:  # another process finished the same cache first
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _memmap(path: Path, dtype: type) -> np.ndarray:

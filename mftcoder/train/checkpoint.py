@@ -28,6 +28,10 @@ EPOCH_NAME = re.compile(r"^checkpoint-epoch-(\d+)$")
 # (num_train_epochs and max_steps may grow: that trains on, with the schedule stretched to the new end).
 RESUME_MUST_MATCH = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_length",
                      "data_split", "data_weights", "over_length", "chat_template", "padding_mode")
+# Settings that define the model a checkpoint trains: a resume with others would load it into another model.
+RESUME_SAME_MODEL = ("pretrained_model_path", "model_config", "model_type", "peft_type", "lora_rank", "lora_alpha",
+                     "target_modules", "quantization")
+RESUME_FREE = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir")  # not worth a note when they change
 
 
 @dataclass
@@ -210,14 +214,23 @@ def resume_checkpoint(target: str | None, output_dir: Path, env: DistEnv, warn) 
     return latest
 
 
-def check_resume(checkpoint: Path, config: dict, layout: dict) -> None:
-    """Refuse a resume that could not continue exactly: settings that change the data order, another number
-    of processes, or other data."""
+def check_resume(checkpoint: Path, config: dict, layout: dict, say=None) -> None:
+    """Refuse a resume that could not continue exactly (settings that change the data order, another number of
+    processes, other data) or would train another model; say which other settings changed (the new values are used)."""
     saved = read_run_config(checkpoint)
     for key in RESUME_MUST_MATCH:
         if key in saved and saved[key] != config[key]:
             raise ConfigError(f"{key}: the checkpoint {checkpoint} was trained with {saved[key]!r}, this run has "
                               f"{config[key]!r}; an exact resume needs the same value")
+    for key in RESUME_SAME_MODEL:
+        if key in saved and saved[key] != config[key]:
+            raise ConfigError(f"{key}: the checkpoint {checkpoint} trained a model with {saved[key]!r}, this run asks "
+                              f"for {config[key]!r}; a resume continues the checkpoint's model: set {key} back, or "
+                              "start a new run (in another output_dir) from the checkpoint's weights")
+    changed = [f"{key} {saved[key]!r} -> {config[key]!r}" for key in sorted(saved)
+               if key in config and saved[key] != config[key] and key not in RESUME_FREE]
+    if changed and say:
+        say(f"note: resuming from {checkpoint} with changed settings (the new values are used): {'; '.join(changed)}")
     check_layout(checkpoint, layout)
 
 

@@ -26,7 +26,8 @@ from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, s
 from mftcoder.train.evaluators import make_evaluators
 from mftcoder.train.metrics import MetricsLogger
 from mftcoder.train.plots import write_curves
-from mftcoder.train.run_folder import RunFolder
+from mftcoder.train.run_folder import RunFolder, clear_earlier_runs
+from mftcoder.train.stop import StopAtStepEnd
 from mftcoder.train.schedule import learning_rate
 from mftcoder.train.model_setup import set_up_model
 from mftcoder.train.validation import Validation
@@ -46,6 +47,7 @@ class RunResult:
     tokens_seen: int = 0  # real (non-pad) input tokens trained on, all ranks
     supervised_tokens_seen: int = 0  # tokens that carried loss, all ranks
     train_seconds: float = 0.0  # wall time of the optimizer steps (no evaluation, no saving)
+    stopped_by: int = 0  # the signal (SIGTERM, SIGINT) that ended the run early after a checkpoint, 0 if none
 
 
 def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], counts: StepCounts, mode: str,
@@ -110,10 +112,13 @@ class Trainer:
         if env.is_main:
             ckpt.remove_incomplete(self.output_dir)  # a save that crashed: its leftovers go, a set-aside one returns
         env.barrier()
-        self.resume_from = ckpt.resume_checkpoint(config.resume_from_checkpoint, self.output_dir, env,
-                                                  lambda text: tqdm.write(text, file=sys.stderr))
+        say = lambda text: tqdm.write(text, file=sys.stderr)  # noqa: E731
+        self.resume_from = ckpt.resume_checkpoint(config.resume_from_checkpoint, self.output_dir, env, say)
         if self.resume_from is not None:
-            ckpt.check_resume(self.resume_from, to_dict(config), self.layout)
+            ckpt.check_resume(self.resume_from, to_dict(config), self.layout, say if env.is_main else None)
+        if env.is_main:
+            clear_earlier_runs(self.output_dir, self.resume_from, config.overwrite_output_dir, say)
+        env.barrier()
         setup = set_up_model(config, env, self.tokenizer, self.template, self.data.per_task, self.resume_from,
                              self.output_dir)
         self.model, self.runner, self.optimizer, self.parallel = setup.model, setup.runner, setup.optimizer, setup.parallel
@@ -186,7 +191,8 @@ class Trainer:
         if state.step == 0:
             self._observe(np.full(self.num_tasks, np.nan))  # the balancer's starting point
         with tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not self.env.is_main,
-                  dynamic_ncols=True) as progress:  # closed on an error too, so its message starts a line
+                  dynamic_ncols=True) as progress, \
+                StopAtStepEnd(tqdm.write if self.env.is_main else _ignore) as self.stop:  # SIGTERM/SIGINT
             early_stop = False
             while not early_stop and state.epoch < config.num_train_epochs and state.step < self.total_steps:
                 steps = self._epoch_steps(state.epoch)
@@ -316,7 +322,8 @@ class Trainer:
             self.save(f"checkpoint-{state.step}")
         if epoch_done and config.extra_save_by_epoch:
             self.save(f"checkpoint-epoch-{state.epoch}", only_if_missing=True)
-        return self._early_stop()
+        self.result.stopped_by = self.stop.agreed(self.env.all_reduce_max)  # every rank stops after the same step
+        return self._early_stop() or self.result.stopped_by != 0
 
     def _early_stop(self) -> bool:
         patience = self.config.early_stopping_patience
@@ -380,6 +387,10 @@ class Trainer:
 
 def _identity(x):
     return x
+
+
+def _ignore(text: str) -> None:
+    pass
 
 
 def train(config: Config) -> RunResult:

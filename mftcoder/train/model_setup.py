@@ -18,6 +18,7 @@ from mftcoder.loss import SupervisedLM
 from mftcoder.model import load_base_model, prepare_for_training, save_dtype
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv, OptimizerSpec, Parallelism, make_parallelism, reshard
+from mftcoder.train.run_folder import RANDOM_BASE
 from mftcoder.train.sharded_load import RankZeroLoad
 
 
@@ -53,7 +54,7 @@ def set_up_model(config: Config, env: DistEnv, tokenizer, template, per_task, re
     def make(empty: bool) -> torch.nn.Module:
         base = load_base_model(config, tokenizer, template, full_weights, empty=empty)
         if config.peft_type and not config.pretrained_model_path and env.is_main and not empty:
-            ckpt.save_random_base(base, tokenizer, output_dir / "base-model", dtype)
+            ckpt.save_random_base(base, tokenizer, output_dir / RANDOM_BASE, dtype)
         model = prepare_for_training(base, config)
         if resume_from and ckpt.is_adapter(resume_from) and not empty:
             ckpt.load_adapter(resume_from, model)

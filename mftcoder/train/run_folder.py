@@ -6,11 +6,13 @@ import datetime
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
 
 from mftcoder.config import ConfigError
+from mftcoder.train.checkpoint import checkpoint_step, is_complete
 
 LOCK_FILE = ".mftcoder.lock"
 
@@ -59,6 +61,39 @@ class RunFolder:
         if self._lock_file is not None:
             self._lock_file.close()  # closing the file drops the lock
             self._lock_file = None
+
+
+RANDOM_BASE = "base-model"  # a LoRA run on a random-initialised model keeps its base here
+
+
+def earlier_runs_files(output_dir: Path, resume_from: Path | None) -> list[Path]:
+    """What another run left in output_dir that this run would mix with its own: every complete checkpoint (and
+    the random base) on a fresh start; on a resume from a checkpoint in output_dir, the checkpoints after it."""
+    if not output_dir.is_dir():
+        return []
+    continuing = resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
+    after = checkpoint_step(resume_from) if continuing else -1
+    found = [p for p in sorted(output_dir.iterdir()) if p.is_dir() and is_complete(p) and checkpoint_step(p) > after]
+    if not continuing and (output_dir / RANDOM_BASE).is_dir():
+        found.append(output_dir / RANDOM_BASE)
+    return found
+
+
+def clear_earlier_runs(output_dir: Path, resume_from: Path | None, overwrite: bool, say) -> None:
+    """Refuse to mix two runs' checkpoints in one folder; with overwrite_output_dir, remove the other run's first."""
+    found = earlier_runs_files(output_dir, resume_from)
+    if not found:
+        return
+    names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    if not overwrite:
+        why = (f"are newer than {resume_from.name}, the checkpoint this run resumes from" if resume_from is not None
+               else "belong to an earlier run")
+        raise ConfigError(f"output_dir: {output_dir} holds {names}, which {why}; this run's checkpoints would be mixed "
+                          "with them. Continue that run with resume_from_checkpoint: auto, choose another output_dir, "
+                          "or set overwrite_output_dir: true to remove them")
+    for path in found:
+        shutil.rmtree(path)
+    say(f"overwrite_output_dir: removed {names} from {output_dir}")
 
 
 def _describe_holder(text: str) -> str:

@@ -1,0 +1,73 @@
+"""Stopping on a signal: SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C) end a run the same way.
+
+Outside the training loop either signal raises `Interrupted` at once (the data and model set-up clean up after
+themselves). Inside it, the first signal lets the optimizer step finish, the ranks agree on the step to stop after,
+a checkpoint is saved and the run ends; a second signal stops at once (the last checkpoint stays as it was).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal; `exit_status` is the shell's convention, 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def raise_on_signals():
+    """While inside: SIGTERM, like SIGINT, raises in the main thread, so `finally` blocks and `with` exits run."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class StopAtStepEnd:
+    """While the loop runs: the first signal is recorded (the step finishes), a second one raises `Interrupted`."""
+
+    def __init__(self, say=None):
+        self.signum: int | None = None
+        self._say = say or (lambda text: print(text, file=sys.stderr))
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopAtStepEnd":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._record) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _record(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+        self._say(f"{signal.Signals(signum).name}: stopping after this optimizer step and saving a checkpoint "
+                  "(send it again to stop at once)")
+
+    def agreed(self, all_reduce_max) -> int:
+        """The signal any rank received (0: none): every rank stops after the same step."""
+        return int(all_reduce_max(float(self.signum or 0)))
