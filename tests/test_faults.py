@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,76 @@ def test_resume_names_changed_settings_and_refuses_another_model(small_tasks, tm
     note = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("note: resuming from"))
     assert note == (f"note: resuming from {tmp_path / 'checkpoint-2'} with changed settings (the new values are used): "
                     "learning_rate 0.002 -> 0.01; max_steps 2 -> 3")
+
+
+def signal_during_step(monkeypatch, step: int, times: int = 1) -> None:
+    """SIGTERM this process `times` times while optimizer step `step` runs (as a cluster's preemption would)."""
+    original = Trainer.train_step
+
+    def train_step(self, batches):
+        loss = original(self, batches)
+        if self.state.step + 1 == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_sigterm_finishes_the_step_saves_it_and_the_resumed_run_is_exact(small_tasks, tmp_path, monkeypatch, capsys):
+    full = train(make_config(small_tasks, tmp_path / "full"))
+    signal_during_step(monkeypatch, 3)
+    out = tmp_path / "stopped"
+    assert main(cli_args(small_tasks, out)) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopping after this optimizer step and saving a checkpoint" in err
+    assert "stopped by SIGTERM after step 3; continue with resume_from_checkpoint: auto" in err
+    assert ckpt.checkpoint_problems(out / "checkpoint-3") == [] and ckpt.read_state(out / "checkpoint-3").step == 3
+    monkeypatch.undo()
+    resumed = train(make_config(small_tasks, out, resume_from_checkpoint="auto"))
+    assert resumed.step_losses == full.step_losses[3:]
+    assert all(torch.equal(a, b) for a, b in zip(weights_of(out / "checkpoint-6").values(),
+                                                 weights_of(full.final_checkpoint).values()))
+    # A second signal stops at once: the step's checkpoint is not written, the earlier one stays.
+    signal_during_step(monkeypatch, 3, times=2)
+    again = tmp_path / "twice"
+    assert main(cli_args(small_tasks, again)) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.rstrip().endswith("interrupted (SIGTERM)")
+    assert sorted(p.name for p in again.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+
+
+def test_sigterm_during_tokenization_leaves_no_workers_and_no_temporary_cache(tmp_path):
+    lines = (Path(__file__).parents[1] / "mftcoder/assets/demo_data/code_generation/train.jsonl").read_bytes()
+    task = tmp_path / "big"
+    task.mkdir()
+    (task / "data.jsonl").write_bytes(lines * (16 * 2**20 // len(lines)))  # 16 MB: tokenized by worker processes
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "mftcoder", "data", "check", "/dev/null", f"data_paths=[{json.dumps(str(task))}]",
+               f"data_cache_dir={json.dumps(str(cache))}", "preprocessing_num_workers=2", "data_split=98,2,0"]
+    checker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: set[int] = set()
+    for _ in range(600):  # until the workers are there (at most 60 s)
+        workers = children_of(checker.pid)
+        if len(workers) >= 2 or checker.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert len(workers) >= 2, checker.communicate()
+    checker.send_signal(signal.SIGTERM)
+    _, err = checker.communicate(timeout=60)
+    assert checker.returncode == 128 + signal.SIGTERM and err.rstrip().endswith("interrupted (SIGTERM)"), err
+    assert "Traceback" not in err
+    assert [p.name for p in cache.rglob("*.tmp-*")] == []
+    assert [pid for pid in workers if alive(pid)] == []
+
+
+def children_of(pid: int) -> set[int]:
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()} if alive(pid) else set()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, ended but not yet reaped, counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import fcntl
 import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,8 +238,11 @@ def _chunks(task: Task) -> Iterator[tuple[str, list[tuple[int, str | BadRecord]]
 
 
 def _single_threaded_worker() -> None:
-    """In a tokenization worker process: one tokenizer thread each (the processes are the parallelism)."""
+    """In a tokenization worker process: one tokenizer thread each (the processes are the parallelism); signals are
+    the parent's to handle (it ends the workers)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_encoder(task: Task, encoder: ChunkEncoder, workers: int) -> Iterator[EncodedChunk]:

@@ -112,7 +112,7 @@ class Trainer:
         if env.is_main:
             ckpt.remove_incomplete(self.output_dir)  # a save that crashed: its leftovers go, a set-aside one returns
         env.barrier()
-        say = lambda text: tqdm.write(text, file=sys.stderr)  # noqa: E731
+        say = _to_stderr
         self.resume_from = ckpt.resume_checkpoint(config.resume_from_checkpoint, self.output_dir, env, say)
         if self.resume_from is not None:
             ckpt.check_resume(self.resume_from, to_dict(config), self.layout, say if env.is_main else None)
@@ -192,7 +192,7 @@ class Trainer:
             self._observe(np.full(self.num_tasks, np.nan))  # the balancer's starting point
         with tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not self.env.is_main,
                   dynamic_ncols=True) as progress, \
-                StopAtStepEnd(tqdm.write if self.env.is_main else _ignore) as self.stop:  # SIGTERM/SIGINT
+                StopAtStepEnd(_to_stderr if self.env.is_main else _ignore) as self.stop:  # SIGTERM/SIGINT
             early_stop = False
             while not early_stop and state.epoch < config.num_train_epochs and state.step < self.total_steps:
                 steps = self._epoch_steps(state.epoch)
@@ -391,6 +391,10 @@ def _identity(x):
 
 def _ignore(text: str) -> None:
     pass
+
+
+def _to_stderr(text: str) -> None:
+    tqdm.write(text, file=sys.stderr)
 
 
 def train(config: Config) -> RunResult:
