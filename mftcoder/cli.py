@@ -95,7 +95,8 @@ def _sampling(args: argparse.Namespace):
 def cmd_merge(args: argparse.Namespace) -> int:
     from mftcoder.merge import merge
 
-    out = merge(Path(args.base), Path(args.adapter), Path(args.out), args.max_shard_size, args.trust_remote_code)
+    out = merge(Path(args.base), Path(args.adapter), Path(args.out), args.max_shard_size, args.trust_remote_code,
+                args.overwrite)
     print(f"merged model written to {out}")
     return 0
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", "--merged_output_path", required=True, help="where to write the merged model")
     merge.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (e.g. 2GB)")
     merge.add_argument("--trust_remote_code", action="store_true")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (once the merge is done)")
     merge.set_defaults(func=cmd_merge)
     generate = _model_args(commands.add_parser("generate", help="batched generation for a JSONL file of prompts"))
     generate.add_argument("--input", required=True, help="JSONL: chat_rounds ending with a human turn, or prompt")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -60,10 +63,46 @@ def check_adapter_fits(base: torch.nn.Module, adapter_dir: Path) -> None:
                               + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
 
 
+def check_out_folder(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an `--out` that is (or holds, or lies inside) an input, or an existing non-empty folder without
+    `--overwrite`; checked before any work."""
+    out = out_dir.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if out == source or source in out.parents or out in source.parents:
+            raise DataError(f"--out {out_dir}: it overlaps the input folder {path}; the merged model goes to a folder "
+                            "of its own (its files would replace or mix with the input's)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(f"--out {out_dir}: the folder exists and is not empty; its files would mix with the merged "
+                        "model's: choose another folder, or pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def folder_in_place(out_dir: Path):
+    """Yield a temporary sibling folder to write into; only once the body completes does it replace `out_dir` (a merge
+    stopped part-way leaves `out_dir` as it was, and nothing else behind unless the process was killed outright)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()  # (with the user's umask, as the folder it becomes)
+    try:
+        yield tmp
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_size: str = "5GB",
-          trust_remote_code: bool = False) -> Path:
-    """Load the base (in its own dtype), check and apply the adapter, merge in place, save with the
-    training tokenizer (chat template, EOS, pad). Peak memory stays near one copy of the weights."""
+          trust_remote_code: bool = False, overwrite: bool = False) -> Path:
+    """Load the base (in its own dtype), check and apply the adapter, merge in place, save with the training
+    tokenizer (chat template, EOS, pad) into a new folder (see `folder_in_place`). Peak memory stays near one copy
+    of the weights."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,6 +114,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_size: str 
             raise DataError(f"{path}: {what} folder does not exist")
     if not (base_dir / "config.json").is_file():
         raise DataError(f"{base_dir}: not a Hugging Face model directory (no config.json)")
+    check_out_folder(out_dir, [base_dir, adapter_dir], overwrite)
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto", trust_remote_code=trust_remote_code)
     check_adapter_fits(base, adapter_dir)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
@@ -83,7 +123,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_size: str 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     set_special_token_ids(merged, tokenizer, stop_token_ids(tokenizer, saved_template(tokenizer)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(str(out_dir))
+    with folder_in_place(out_dir) as tmp:
+        merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(str(tmp))
     return out_dir

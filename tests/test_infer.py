@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pty
@@ -147,7 +148,7 @@ def test_chat_in_a_pseudo_terminal(memorized):
         os.close(leader)
 
 
-def test_lora_merge_equals_base_plus_adapter(tmp_path):
+def test_lora_merge_equals_base_plus_adapter(tmp_path, capsys, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -175,6 +176,48 @@ def test_lora_merge_equals_base_plus_adapter(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
     merged = torch.load(tmp_path / "logits.pt", weights_only=True)
     assert torch.allclose(merged, reference, atol=1e-5, rtol=1e-5)
+    check_merge_never_mixes_or_destroys(tmp_path, base, adapter, ids, reference, capsys, monkeypatch)
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def check_merge_never_mixes_or_destroys(tmp_path, base, adapter, ids, reference, capsys, monkeypatch):
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    before, base_before = folder_digest(out), folder_digest(base)
+    args = ["merge", "--base", str(base), "--adapter", str(adapter)]
+    assert main([*args, "--out", str(out)]) == 2  # an existing, non-empty --out
+    assert capsys.readouterr().err.strip() == (f"error: --out {out}: the folder exists and is not empty; its files "
+                                               "would mix with the merged model's: choose another folder, or pass "
+                                               "--overwrite to replace it")
+    for into in (base, base / "sub", tmp_path / "run"):  # the base itself, a folder inside it, one that holds it
+        assert main([*args, "--out", str(into), "--overwrite"]) == 2
+        assert f"it overlaps the input folder {base}" in capsys.readouterr().err
+    assert folder_digest(base) == base_before and folder_digest(out) == before
+
+    class Killed(BaseException):
+        pass
+
+    from transformers import PreTrainedTokenizerBase
+
+    def killed(*args, **kwargs):
+        raise Killed()
+
+    with monkeypatch.context() as patch:  # stopped after the weights, before the tokenizer: --out is as it was
+        patch.setattr(PreTrainedTokenizerBase, "save_pretrained", killed)
+        with pytest.raises(Killed):
+            main([*args, "--out", str(out), "--overwrite"])
+    assert folder_digest(out) == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert main([*args, "--out", str(out), "--overwrite"]) == 0  # one 5GB shard replaces the 20MB shards
+    assert sorted(p.name for p in out.glob("model*.safetensors*")) == ["model.safetensors"]
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    assert torch.allclose(again, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_refuses_a_mismatched_adapter(tmp_path, capsys):
