@@ -183,7 +183,23 @@ DAMAGE = {
                        "resume/optimizer.pt does not match its checksum"),
     "no manifest and no rng": (lambda c: [(c / MANIFEST).unlink(), (c / "resume" / "rng-0.pt").unlink()],
                                "resume/rng-0.pt is missing"),
+    "a manifest naming a file outside": (lambda c: edit_manifest(c, lambda m: m["files"].update(
+        {"../../../etc/passwd": {"bytes": 1, "sha256": "0"}})),
+        f"{MANIFEST} cannot be used ('../../../etc/passwd' is not a path inside the checkpoint)"),
+    "a manifest entry through a link": (lambda c: [os.symlink("/etc/passwd", c / "passwd"), edit_manifest(
+        c, lambda m: m["files"].update({"passwd": {"bytes": 1, "sha256": "0"}}))],
+        f"{MANIFEST} cannot be used ('passwd' leads outside the checkpoint)"),
+    "a manifest of the wrong shape": (lambda c: edit_manifest(c, lambda m: m.update(files=list(m["files"]))),
+                                      f"{MANIFEST} cannot be used (no 'files' table)"),
+    "a manifest entry of the wrong shape": (lambda c: edit_manifest(c, lambda m: m["files"].update({"x": 3})),
+                                            f"{MANIFEST} cannot be used (the entry for 'x' is not a size and a checksum)"),
 }
+
+
+def edit_manifest(checkpoint: Path, change) -> None:
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    change(manifest)
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("kind", DAMAGE)

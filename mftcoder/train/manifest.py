@@ -45,11 +45,12 @@ def has_manifest(directory: Path) -> bool:
 
 
 def manifest_problems(directory: Path) -> list[str]:
-    """What is wrong with a checkpoint against its manifest: missing, truncated or altered files (empty: intact)."""
+    """What is wrong with a checkpoint against its manifest: missing, truncated or altered files (empty: intact). A
+    manifest that cannot be read, is malformed or names a file outside the checkpoint makes the checkpoint damaged."""
     try:
-        entries = json.loads((directory / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [f"{MANIFEST} cannot be read ({exc})"]
+        entries = read_manifest(directory)
+    except (OSError, ValueError) as exc:
+        return [f"{MANIFEST} cannot be used ({exc})"]
     problems, present = [], []
     for name, entry in entries.items():
         path = directory / name
@@ -63,3 +64,23 @@ def manifest_problems(directory: Path) -> list[str]:
         if digest != entries[name]["sha256"]:
             problems.append(f"{name} does not match its checksum (altered or corrupted)")
     return problems
+
+
+def read_manifest(directory: Path) -> dict[str, dict]:
+    """The manifest's entries, each a file inside `directory` with its size and SHA-256 (ValueError if malformed)."""
+    manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    entries = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError("no 'files' table")
+    root = directory.resolve()
+    for name, entry in entries.items():
+        shown = repr(name[:80])
+        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and entry["bytes"] >= 0
+                and isinstance(entry.get("sha256"), str)):
+            raise ValueError(f"the entry for {shown} is not a size and a checksum")
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or "\0" in name:
+            raise ValueError(f"{shown} is not a path inside the checkpoint")
+        if root not in (root / name).resolve().parents:  # through a symbolic link
+            raise ValueError(f"{shown} leads outside the checkpoint")
+    return entries
