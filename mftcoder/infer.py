@@ -15,6 +15,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from mftcoder.data.records import Turn, read_jsonl, record_turns
 from mftcoder.data.template import ChatTemplate, ModelTemplate, saved_template, stop_token_ids
 from mftcoder.data.tokenize import encode_conversations
+from mftcoder.model_folder import check_model_folder
 
 
 @dataclass
@@ -47,6 +48,7 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, device: str |
     dtype: None computes in float32 on CPU (half precision is slow there) and in the checkpoint's dtype on GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_folder(Path(model_dir), "--model", trust_remote_code)
     tokenizer_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from mftcoder.data.records import DataError
+from mftcoder.model_folder import check_model_folder
 
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
 
@@ -109,11 +110,9 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_size: str 
     from mftcoder.data.template import saved_template, stop_token_ids
     from mftcoder.model import set_special_token_ids
 
-    for path, what in ((base_dir, "base model"), (adapter_dir, "adapter")):
-        if not path.is_dir():
-            raise DataError(f"{path}: {what} folder does not exist")
-    if not (base_dir / "config.json").is_file():
-        raise DataError(f"{base_dir}: not a Hugging Face model directory (no config.json)")
+    check_model_folder(base_dir, "--base", trust_remote_code)
+    if not adapter_dir.is_dir():
+        raise DataError(f"{adapter_dir}: adapter folder does not exist")
     check_out_folder(out_dir, [base_dir, adapter_dir], overwrite)
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto", trust_remote_code=trust_remote_code)
     check_adapter_fits(base, adapter_dir)

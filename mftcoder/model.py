@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from mftcoder.config import Config, ConfigError
 from mftcoder.data.template import ChatTemplate, ModelTemplate, build_template, stop_token_ids
 from mftcoder.families import attn_implementation, family
+from mftcoder.model_folder import check_model_folder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_TOKENIZER = ASSETS / "tokenizer"
@@ -29,12 +30,13 @@ def load_tokenizer(config: Config) -> tuple[object, ChatTemplate | ModelTemplate
     from transformers import AutoTokenizer
 
     source = tokenizer_source(config)
+    key = "pretrained_model_path" if config.pretrained_model_path and not config.tokenizer_path else "tokenizer_path"
     if not source.exists():
-        raise ConfigError(f"tokenizer_path: {source} does not exist")
+        raise ConfigError(f"{key}: {source} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"tokenizer_path: no usable tokenizer in {source} ({str(exc).splitlines()[0]}); "
+        raise ConfigError(f"{key}: no usable tokenizer in {source} ({str(exc).splitlines()[0]}); "
                           "set tokenizer_path to a folder with tokenizer.json") from None
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"{source}: a fast tokenizer (tokenizer.json) is needed for exact loss masks")
@@ -76,8 +78,8 @@ def load_base_model(config: Config, tokenizer, template: ChatTemplate | ModelTem
     dtype = weights_dtype(config)
     if full_weights or config.pretrained_model_path:
         path = Path(full_weights or config.pretrained_model_path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"pretrained_model_path: {path} is not a Hugging Face model directory (no config.json)")
+        check_model_folder(path, "resume_from_checkpoint" if full_weights else "pretrained_model_path",
+                           config.trust_remote_code, weights=not empty)
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
         model = empty_model(model_config, config, dtype) if empty else AutoModelForCausalLM.from_pretrained(
             path, config=model_config, dtype=dtype, trust_remote_code=config.trust_remote_code,
