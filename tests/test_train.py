@@ -200,12 +200,15 @@ def test_replacing_a_checkpoint_never_leaves_none(small_tasks, tmp_path, monkeyp
             raise OSError("killed (simulated)")
         return original(src, dst)
 
+    trainer = Trainer(make_config(small_tasks, tmp_path, max_steps=2, resume_from_checkpoint="auto"), DistEnv())
+    trainer.resume()
+    trainer.optimizer.param_groups[0]["params"][0].data.add_(1.0)  # other weights, saved under the same name
     monkeypatch.setattr(ckpt.os, "rename", crash_on_placing_the_replacement)
-    with pytest.raises(OSError, match="simulated"):  # a second run into the same folder saves checkpoint-2 again
-        train(make_config(small_tasks, tmp_path, max_steps=2, learning_rate=1e-2))
+    with pytest.raises(OSError, match="simulated"):
+        trainer.save("checkpoint-2")
+    trainer.close()
     monkeypatch.setattr(ckpt.os, "rename", original)
-    # the old one was set aside, not deleted (the first run's metrics.jsonl was set aside too: a fresh start)
-    assert renames == ["metrics.jsonl", "checkpoint-2", ".checkpoint-2.tmp"]
+    assert renames == ["checkpoint-2", ".checkpoint-2.tmp"]  # the old one was set aside, not deleted
     ckpt.remove_incomplete(tmp_path)  # what the next run does first: the set-aside checkpoint comes back
     assert ckpt.find_latest(tmp_path) == tmp_path / "checkpoint-2"
     assert all(torch.equal(first[k], v) for k, v in weights_of(tmp_path / "checkpoint-2").items())
