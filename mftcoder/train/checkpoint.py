@@ -294,14 +294,17 @@ def save_weights(model: torch.nn.Module, directory: Path, state: dict | None, dt
     config_file.write_text(json.dumps(stated, indent=2, sort_keys=True) + "\n")
 
 
-def save_random_base(model: torch.nn.Module, tokenizer, directory: Path, dtype: torch.dtype) -> None:
+def save_random_base(model: torch.nn.Module, tokenizer, directory: Path, dtype: torch.dtype, resuming: bool) -> None:
     """A LoRA run on a random-initialised model keeps its base on disk (in save_dtype), so the adapter can be
-    merged later."""
-    if directory.exists():
+    merged later. A fresh start writes its own (one left by a run killed before its first checkpoint is replaced);
+    a resumed run keeps the one its adapter was trained on."""
+    if resuming and directory.exists():
         return
     tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     save_weights(model, tmp, None, dtype)
     tokenizer.save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
 
 

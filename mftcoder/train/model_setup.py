@@ -54,7 +54,7 @@ def set_up_model(config: Config, env: DistEnv, tokenizer, template, per_task, re
     def make(empty: bool) -> torch.nn.Module:
         base = load_base_model(config, tokenizer, template, full_weights, empty=empty)
         if config.peft_type and not config.pretrained_model_path and env.is_main and not empty:
-            ckpt.save_random_base(base, tokenizer, output_dir / RANDOM_BASE, dtype)
+            ckpt.save_random_base(base, tokenizer, output_dir / RANDOM_BASE, dtype, resume_from is not None)
         model = prepare_for_training(base, config)
         if resume_from and ckpt.is_adapter(resume_from) and not empty:
             ckpt.load_adapter(resume_from, model)

@@ -67,16 +67,14 @@ RANDOM_BASE = "base-model"  # a LoRA run on a random-initialised model keeps its
 
 
 def earlier_runs_files(output_dir: Path, resume_from: Path | None) -> list[Path]:
-    """What another run left in output_dir that this run would mix with its own: every complete checkpoint (and
-    the random base) on a fresh start; on a resume from a checkpoint in output_dir, the checkpoints after it."""
+    """What another run left in output_dir that this run would mix with its own: every complete checkpoint on a fresh
+    start; on a resume from a checkpoint in output_dir, the checkpoints after it. (A fresh start replaces the random
+    base, output_dir/base-model, with its own.)"""
     if not output_dir.is_dir():
         return []
     continuing = resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
     after = checkpoint_step(resume_from) if continuing else -1
-    found = [p for p in sorted(output_dir.iterdir()) if p.is_dir() and is_complete(p) and checkpoint_step(p) > after]
-    if not continuing and (output_dir / RANDOM_BASE).is_dir():
-        found.append(output_dir / RANDOM_BASE)
-    return found
+    return [p for p in sorted(output_dir.iterdir()) if p.is_dir() and is_complete(p) and checkpoint_step(p) > after]
 
 
 def clear_earlier_runs(output_dir: Path, resume_from: Path | None, overwrite: bool, say) -> None:
