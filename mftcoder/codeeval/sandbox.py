@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -199,8 +200,9 @@ def _verdict(outcome: str, stderr: str, seconds: float) -> Verdict:
 
 
 def run_all(sandbox: Sandbox, programs: list[str], workers: int | None = None, progress: bool = True,
-            desc: str = "execute") -> list[Verdict]:
-    """Verdicts for the programs, in order; at most `workers` (default: the cores) run at once."""
+            desc: str = "execute", on_verdict: Callable[[int, Verdict], None] | None = None) -> list[Verdict]:
+    """Verdicts for the programs, in order; at most `workers` (default: the cores) run at once. on_verdict(i, verdict)
+    is called in order as soon as each is known (to save results as they come)."""
     workers = max(1, min(workers or os.cpu_count() or 1, os.cpu_count() or 1, len(programs) or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(programs), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
@@ -209,4 +211,9 @@ def run_all(sandbox: Sandbox, programs: list[str], workers: int | None = None, p
             bar.update(1)
             return verdict
 
-        return list(pool.map(one, programs))
+        verdicts = []
+        for verdict in pool.map(one, programs):
+            if on_verdict is not None:
+                on_verdict(len(verdicts), verdict)
+            verdicts.append(verdict)
+        return verdicts
