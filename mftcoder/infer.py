@@ -139,6 +139,9 @@ def open_output(path: Path, option: str = "--output"):
 
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a folder; give the path of a JSONL file to write")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {path}: cannot write there ({existing} is a file, not a folder)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return open(path, "w", encoding="utf-8")

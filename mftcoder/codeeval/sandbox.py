@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ class Sandbox:
             raise SandboxError(f"isolation 'namespaces' needs `unshare` with PID, mount and network namespaces "
                                f"(root, or unprivileged user namespaces): {why}")
         self.limits, self.namespaces, self.why_not_namespaces = limits, why is None, why
+        self._running: set[subprocess.Popen] = set()  # this sandbox's programs now running (to stop them)
+        self._lock = threading.Lock()
         self.user_namespace = self.namespaces and os.geteuid() != 0
         probe = self.run("import json, typing, collections")
         if not probe.passed:
@@ -131,7 +134,13 @@ class Sandbox:
                         raise SandboxError(f"the sandbox cannot start {command[0]}: {exc.strerror}") from None
                     os.close(report_write)
                     report_write = -1
-                    timed_out = _feed_and_wait(process, program, limits.timeout)
+                    with self._lock:
+                        self._running.add(process)
+                    try:
+                        timed_out = _feed_and_wait(process, program, limits.timeout)
+                    finally:
+                        with self._lock:
+                            self._running.discard(process)
                 report_lines = _read_all(report).decode("utf-8", "replace").split()
             finally:
                 os.close(report)
@@ -144,6 +153,17 @@ class Sandbox:
         if not report_lines or report_lines[0] != "ready":
             raise SandboxError(f"the sandbox did not start (exit {process.returncode}): {stderr.strip()[-2000:]}")
         return _verdict(" ".join(report_lines[1:]), stderr, seconds)
+
+
+    def stop(self) -> None:
+        """Kill every program of this sandbox that is running now (their verdicts are then meaningless)."""
+        with self._lock:
+            running = list(self._running)
+        for process in running:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _feed_and_wait(process: subprocess.Popen, program: str, timeout: float) -> bool:
@@ -212,8 +232,13 @@ def run_all(sandbox: Sandbox, programs: list[str], workers: int | None = None, p
             return verdict
 
         verdicts = []
-        for verdict in pool.map(one, programs):
-            if on_verdict is not None:
-                on_verdict(len(verdicts), verdict)
-            verdicts.append(verdict)
+        try:
+            for verdict in pool.map(one, programs):
+                if on_verdict is not None:
+                    on_verdict(len(verdicts), verdict)
+                verdicts.append(verdict)
+        except BaseException:  # interrupted: stop now, not after the programs still queued or running
+            pool.shutdown(wait=False, cancel_futures=True)
+            sandbox.stop()
+            raise
         return verdicts
