@@ -132,6 +132,7 @@ def test_verdicts_equal_human_evals_own_evaluator(tmp_path):
     assert ours[-2]["status"] == "timed out"
     summary = json.loads((tmp_path / "ours.summary.json").read_text())
     assert summary["problems"] == 164 and summary["completions"] == len(samples)
+    assert (summary["broken"], summary["coverage"]["fraction"], summary["partial"]) == ([], 1.0, False)  # all sound
     # 156 problems 1/1; HumanEval/0 1 of 6 (4 broken, a loop); HumanEval/1 2 of 6; HumanEval/2-7 1 of 5 each
     assert summary["metrics"]["pass@1"] == pytest.approx((156 + 1 / 6 + 2 / 6 + 6 / 5) / 164)
 
@@ -207,7 +208,8 @@ def test_an_unwritable_output_is_refused_before_the_model_loads(tmp_path, capsys
     problems = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "test": "assert True"}])
     (tmp_path / "file").write_text("x")
     source = ["--benchmark", problems, "--skip_problem_check"] if command == "eval" else ["--input", problems]
-    for output, why in ((tmp_path / "file" / "out.jsonl", f"cannot write there ({tmp_path / 'file'} is a file, not a folder)"),
+    not_a_folder = f"cannot write there ({tmp_path / 'file'} is a file, not a folder)"
+    for output, why in ((tmp_path / "file" / "out.jsonl", not_a_folder),
                         (tmp_path, "is a folder; give the path of a JSONL file to write")):
         assert main([command, "--model", str(tmp_path / "no-model"), *source, "--output", str(output)]) == 2
         assert capsys.readouterr().err == f"error: --output {output}: {why}\n"
