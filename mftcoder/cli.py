@@ -102,10 +102,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mftcoder.infer import generate_file, load
+    from mftcoder.infer import generate_file, load, open_output, read_prompts
 
-    model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
-    count = generate_file(model, tokenizer, Path(args.input), Path(args.output), _sampling(args), args.batch_size)
+    if Path(args.input).is_dir():
+        raise ConfigError(f"--input {args.input}: is a folder; give a JSONL file of prompts")
+    records, conversations = read_prompts(Path(args.input))  # bad lines and an unwritable --output stop here,
+    with open_output(Path(args.output)) as output:  # before the model loads
+        model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+        count = generate_file(model, tokenizer, records, conversations, output, _sampling(args), args.batch_size)
     print(f"{count} record(s) written to {args.output}")
     return 0
 
@@ -119,8 +123,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mftcoder.codeeval.evaluate import load_problems, run_eval
+    from mftcoder.codeeval.checks import broken_problems
+    from mftcoder.codeeval.evaluate import load_problems, open_results, run_eval
     from mftcoder.codeeval.sandbox import Limits, Sandbox, SandboxError
+    from mftcoder.codeeval.score import read_completions
     from mftcoder.infer import Sampling, load
 
     ks = _int_list("--k", args.k)
@@ -134,6 +140,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           "pass a file that holds only those completions")
     if args.model and max(ks) > n:
         raise ConfigError(f"--k {max(ks)} needs at least that many samples per problem: --n {max(ks)}")
+    if args.completions and not Path(args.completions).is_file():
+        raise ConfigError(f"--completions {args.completions}: " + ("is a folder; give a JSONL file of completions"
+                          if Path(args.completions).is_dir() else "no such file"))
     try:
         sandbox = Sandbox(Limits(timeout=args.timeout, memory_bytes=int(args.memory_gb * 2**30)), args.isolation)
     except SandboxError as exc:
@@ -141,18 +150,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 1
     benchmarks = args.benchmark or ["humaneval"]
     problems = load_problems(benchmarks, args.limit or 0)  # a bad problem file stops here, before the model loads
+    default = Path(args.completions).with_name(Path(args.completions).stem + "_results.jsonl") if args.completions \
+        else Path(f"eval-{'-'.join(Path(b).stem for b in benchmarks)}.jsonl")
+    output = Path(args.output) if args.output else default
+    # a bad completions file, then an unwritable --output, stop here: before the problem check and the model
+    completions = read_completions(Path(args.completions), problems) if args.completions else None
+    results = open_results(output)
+    broken = broken_problems(problems, None if args.skip_problem_check else sandbox, args.workers)
+    for problem, why in broken.items():
+        print(f"warning: {problem.benchmark} problem {problem.task_id} is broken and not scored: {why}",
+              file=sys.stderr)
     model = tokenizer = sampling = None
     if args.model:
         model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
         sampling = Sampling(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                             top_p=args.top_p, num_return_sequences=n, seed=args.seed)
-    default = Path(args.completions).with_name(Path(args.completions).stem + "_results.jsonl") if args.completions \
-        else Path(f"eval-{'-'.join(Path(b).stem for b in benchmarks)}.jsonl")
-    output = Path(args.output) if args.output else default
-    report = run_eval(problems, ks, sandbox, output, model=model, tokenizer=tokenizer, sampling=sampling,
-                      batch_size=args.batch_size, completions_file=Path(args.completions) if args.completions else None,
-                      workers=args.workers)
+    report = run_eval(problems, ks, sandbox, results, model=model, tokenizer=tokenizer, sampling=sampling,
+                      batch_size=args.batch_size, completions=completions,
+                      workers=args.workers, broken=broken)
     print(report.line())
+    for line in report.warnings():
+        print(line)
     missing = [k for k in ks if f"pass@{k}" not in report.metrics]
     if missing:
         print(f"note: no pass@{', pass@'.join(map(str, missing))}: some problem has fewer completions than that")
@@ -245,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds each program may run")
     evaluate.add_argument("--memory_gb", type=_positive(float), default=2.0, help="address-space limit of each program")
     evaluate.add_argument("--workers", type=_positive(int), help="programs run at once (default and maximum: the cores)")
+    evaluate.add_argument("--skip_problem_check", action="store_true", help="do not run the benchmark's canonical "
+                          "solutions first (its tests are still checked for syntax and check())")
     evaluate.add_argument("--isolation", choices=("auto", "namespaces", "process"), default="auto",
                           help="sandbox: own PID/mount/network namespaces (when available) or own process group")
     evaluate.add_argument("--output", help="JSONL of every completion with its verdict (default: eval-<benchmark>.jsonl, "

@@ -84,10 +84,12 @@ def prompt_ids(tokenizer, turns: list[Turn] | list[dict],
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 8,
              progress: bool = False, streamer=None, stop_when: Callable[[str], bool] | None = None,
-             synced_gpus: bool = False) -> list[list[str]]:
+             synced_gpus: bool = False,
+             on_batch: Callable[[int, list[list[str]]], None] | None = None) -> list[list[str]]:
     """Generate for each prompt (token ids), left-padded in batches; returns num_return_sequences new texts
     per prompt, decoded without the prompt and stopped at EOS, the template's end-of-turn token, or once
-    `stop_when(text so far)` holds. synced_gpus: every rank runs as many forward passes (sharded models)."""
+    `stop_when(text so far)` holds. synced_gpus: every rank runs as many forward passes (sharded models).
+    on_batch(first prompt's index, its texts) is called after each batch (to save results as they come)."""
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer, saved_template(tokenizer))
     outputs: list[list[str]] = []
@@ -108,7 +110,10 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, bat
                                    **sampling.generate_kwargs())
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         n = sampling.num_return_sequences
-        outputs += [texts[i:i + n] for i in range(0, len(texts), n)]
+        batch = [texts[i:i + n] for i in range(0, len(texts), n)]
+        if on_batch is not None:
+            on_batch(start, batch)
+        outputs += batch
     return outputs
 
 
@@ -130,17 +135,35 @@ def read_prompts(path: Path) -> tuple[list[dict], list[tuple[Turn, ...]]]:
     return [record for record, _ in pairs], [turns for _, turns in pairs]
 
 
-def generate_file(model, tokenizer, input_path: Path, output_path: Path, sampling: Sampling,
-                  batch_size: int = 8) -> int:
-    """`mftcoder generate`: one output line per input record, the record plus its "generations"."""
-    records, conversations = read_prompts(input_path)
+def open_output(path: Path, option: str = "--output"):
+    """A text file opened for writing (parents made) before any work, or a one-sentence error naming it."""
+    from mftcoder.config import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give the path of a JSONL file to write")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {path}: cannot write there ({existing} is a file, not a folder)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot write there ({exc.strerror})") from None
+
+
+def generate_file(model, tokenizer, records: list[dict], conversations: list[tuple[Turn, ...]], output,
+                  sampling: Sampling, batch_size: int = 8) -> int:
+    """`mftcoder generate`: one output line per input record, the record plus its "generations", written (and
+    flushed) batch by batch to the open file `output`, so an interrupted run keeps what it generated."""
     template = saved_template(tokenizer)
     prompts = [prompt_ids(tokenizer, turns, template) for turns in conversations]
-    texts = generate(model, tokenizer, prompts, sampling, batch_size, progress=True)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path, "w", encoding="utf-8") as f:
-        for record, generations in zip(records, texts):
-            f.write(json.dumps({**record, "generations": generations}, ensure_ascii=False) + "\n")
+
+    def save(start: int, batch: list[list[str]]) -> None:
+        for record, generations in zip(records[start:start + len(batch)], batch):
+            output.write(json.dumps({**record, "generations": generations}, ensure_ascii=False) + "\n")
+        output.flush()
+
+    generate(model, tokenizer, prompts, sampling, batch_size, progress=True, on_batch=save)
     return len(records)
 
 

@@ -4,6 +4,12 @@ evaluator on the same completions."""
 import gzip
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from importlib.resources import files
 from fractions import Fraction
 
@@ -126,6 +132,7 @@ def test_verdicts_equal_human_evals_own_evaluator(tmp_path):
     assert ours[-2]["status"] == "timed out"
     summary = json.loads((tmp_path / "ours.summary.json").read_text())
     assert summary["problems"] == 164 and summary["completions"] == len(samples)
+    assert (summary["broken"], summary["coverage"]["fraction"], summary["partial"]) == ([], 1.0, False)  # all sound
     # 156 problems 1/1; HumanEval/0 1 of 6 (4 broken, a loop); HumanEval/1 2 of 6; HumanEval/2-7 1 of 5 each
     assert summary["metrics"]["pass@1"] == pytest.approx((156 + 1 / 6 + 2 / 6 + 6 / 5) / 164)
 
@@ -141,3 +148,96 @@ def test_a_completions_file_with_unknown_problems_is_refused_line_by_line(tmp_pa
     assert errors[19] == f"{path}:22: task_id 'Other/19' is not a problem of this benchmark"
     assert errors[20:] == ["... and 6 more", f"26 bad completion record(s) in {path}"]
     assert not (tmp_path / "samples_results.jsonl").exists()
+
+
+DOUBLE = "def double(x):\n    return 2 * x\n"
+CHECK_DOUBLE = "def check(f):\n    assert f(2) == 4"
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_broken_problems_are_named_and_not_scored_as_model_failures(tmp_path, capsys):
+    problems = write_jsonl(tmp_path / "mine.jsonl", [
+        {"task_id": "good", "prompt": "p", "test": CHECK_DOUBLE, "entry_point": "double", "canonical_solution": DOUBLE},
+        {"task_id": "syntax", "prompt": "p", "test": "assert double(2) == 4 +"},
+        {"task_id": "nocheck", "prompt": "p", "test": CHECK_DOUBLE.replace("check", "verify"), "entry_point": "double"},
+        {"task_id": "wrong", "prompt": "p", "test": CHECK_DOUBLE, "entry_point": "double",
+         "canonical_solution": "def double(x):\n    return x\n"},
+        {"task_id": "plain", "prompt": "p", "test": "assert double(3) == 6"}])
+    completions = write_jsonl(tmp_path / "c.jsonl", [{"task_id": t, "completion": DOUBLE}
+                                                     for t in ("good", "syntax", "nocheck", "wrong", "plain")])
+    broken = {"syntax": "its test does not compile: invalid syntax (line 1)",
+              "nocheck": "its test defines no check function to call with entry_point 'double'",
+              "wrong": "its canonical solution fails: AssertionError"}
+    for skip, found in ((False, broken), (True, {k: v for k, v in broken.items() if k != "wrong"})):
+        output = tmp_path / f"out-{skip}.jsonl"
+        assert main(["eval", "--completions", completions, "--benchmark", problems, "--output", str(output),
+                     "--timeout", "3", *(["--skip_problem_check"] if skip else [])]) == 0
+        out, err = capsys.readouterr()
+        assert [line for line in err.splitlines() if line.startswith("warning")] == \
+            [f"warning: mine problem {task} is broken and not scored: {why}" for task, why in found.items()]
+        scored = 5 - len(found)
+        assert out.splitlines()[0].startswith(f"pass@1 1.0000: {scored} of {scored} problem(s), {len(found)} broken "
+                                              f"problem(s) not scored, {scored} completion(s) (execution ")
+        assert [(r["task_id"], r["passed"]) for r in map(json.loads, output.read_text().splitlines())] == \
+            [(t, True) for t in ("good", "wrong", "plain") if t not in found]
+        summary = json.loads(output.with_suffix(".summary.json").read_text())
+        assert summary["broken"] == [{"benchmark": "mine", "task_id": t, "reason": why} for t, why in found.items()]
+        assert (summary["coverage"], summary["partial"]) == ({"attempted": scored, "problems": scored,
+                                                              "fraction": 1.0}, False)
+
+
+def test_completions_for_part_of_the_problems_are_flagged(tmp_path, capsys):
+    problems = write_jsonl(tmp_path / "four.jsonl", [{"task_id": f"t{i}", "prompt": "p", "test": f"assert double({i}) == "
+                                                      f"{2 * i}"} for i in range(4)])
+    completions = write_jsonl(tmp_path / "c.jsonl", [{"task_id": "t1", "completion": DOUBLE}])
+    assert main(["eval", "--completions", completions, "--benchmark", problems, "--timeout", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("pass@1 1.0000: 1 of 4 problem(s), 1 completion(s) (execution ")
+    assert lines[1] == ("warning: PARTIAL: completions for only 1 of 4 problems; pass@k is over those 1 alone and not "
+                        "comparable with a full run (\"partial\": true)")
+    summary = json.loads((tmp_path / "c_results.summary.json").read_text())
+    assert (summary["coverage"], summary["partial"]) == ({"attempted": 1, "problems": 4, "fraction": 0.25}, True)
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_an_unwritable_output_is_refused_before_the_model_loads(tmp_path, capsys, command):
+    problems = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "test": "assert True"}])
+    (tmp_path / "file").write_text("x")
+    source = ["--benchmark", problems, "--skip_problem_check"] if command == "eval" else ["--input", problems]
+    not_a_folder = f"cannot write there ({tmp_path / 'file'} is a file, not a folder)"
+    for output, why in ((tmp_path / "file" / "out.jsonl", not_a_folder),
+                        (tmp_path, "is a folder; give the path of a JSONL file to write")):
+        assert main([command, "--model", str(tmp_path / "no-model"), *source, "--output", str(output)]) == 2
+        assert capsys.readouterr().err == f"error: --output {output}: {why}\n"
+
+
+def test_a_folder_of_completions_is_refused_in_a_sentence(tmp_path, capsys):
+    assert main(["eval", "--completions", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --completions {tmp_path}: is a folder; give a JSONL file of completions\n"
+
+
+def test_an_interrupted_eval_keeps_the_verdicts_it_reached(tmp_path):
+    problems = write_jsonl(tmp_path / "four.jsonl", [{"task_id": f"t{i}", "prompt": "p", "test": f"assert double({i}) == "
+                                                      f"{2 * i}"} for i in range(4)])
+    endless = "def double(x):\n    while True:\n        pass\n"
+    completions = write_jsonl(tmp_path / "c.jsonl", [{"task_id": f"t{i}", "completion": DOUBLE if i < 3 else endless}
+                                                     for i in range(4)])
+    output = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.Popen([sys.executable, "-c", "import sys; from mftcoder.cli import main; sys.exit(main(sys.argv[1:]))", "eval", "--completions", completions, "--benchmark",
+                            problems, "--output", str(output), "--timeout", "60", "--workers", "1"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while (not output.exists() or output.read_text().count("\n") < 3) and time.time() < deadline:
+            time.sleep(0.1)
+        run.send_signal(signal.SIGINT)  # during the endless fourth program
+        assert run.wait(timeout=30) == 130
+    finally:
+        run.kill()
+    assert [(r["task_id"], r["passed"]) for r in map(json.loads, output.read_text().splitlines())] == \
+        [("t0", True), ("t1", True), ("t2", True)]

@@ -119,7 +119,7 @@ def test_the_eval_command_scores_a_trained_checkpoint(memo, memorized, tmp_path,
                  "--n", "3", "--k", "1,2", "--temperature", "0.1", "--max_new_tokens", "40",
                  "--output", str(output)]) == 0
     line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith("pass@1 1.0000, pass@2 1.0000: 3 problem(s), 9 completion(s) (generation ")
+    assert line.startswith("pass@1 1.0000, pass@2 1.0000: 3 of 3 problem(s), 9 completion(s) (generation ")
     rows = [json.loads(text) for text in output.read_text().splitlines()]
     assert [(r["task_id"], r["sample"]) for r in rows] == [(name, i) for name in FUNCTIONS for i in range(3)]
     assert all(r["passed"] and r["answer"].startswith("```python\n") for r in rows)

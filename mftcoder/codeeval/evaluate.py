@@ -10,10 +10,10 @@ from pathlib import Path
 
 from mftcoder.codeeval.problems import Problem, benchmark_name, load_benchmark
 from mftcoder.codeeval.sandbox import Sandbox
-from mftcoder.codeeval.score import Completion, execute, read_completions, summarize, write_results
+from mftcoder.codeeval.score import Completion, ResultsFile, execute, summarize
 from mftcoder.data.records import DataError
 from mftcoder.data.template import saved_template
-from mftcoder.infer import Sampling, generate, prompt_ids
+from mftcoder.infer import Sampling, generate, open_output, prompt_ids
 
 
 def closed_code_block(text: str) -> bool:
@@ -39,16 +39,39 @@ def generate_completions(model, tokenizer, problems: list[Problem], sampling: Sa
 class Report:
     rows: list[dict]
     metrics: dict[str, float]
-    problems: int
+    problems: int  # attempted: with at least one scored completion
     samples: int
     seconds: dict[str, float] = field(default_factory=dict)
+    scorable: int = 0  # problems of the benchmarks that can score a model (not broken)
+    broken: dict[Problem, str] = field(default_factory=dict)
+
+    @property
+    def partial(self) -> bool:
+        """The completions cover only some of the scorable problems: pass@k is over those only."""
+        return self.problems < self.scorable
 
     def line(self) -> str:
-        """pass@k overall (and per benchmark when there are several), counts and times."""
+        """pass@k overall (and per benchmark when there are several), coverage, counts and times."""
         several = len({name.split("/", 1)[1] for name in self.metrics if "/" in name}) > 1
         scores = ", ".join(f"{name} {value:.4f}" for name, value in self.metrics.items() if several or "/" not in name)
         times = ", ".join(f"{what} {s:.1f} s" for what, s in self.seconds.items())
-        return f"{scores or 'no pass@k'}: {self.problems} problem(s), {self.samples} completion(s) ({times})"
+        broken = f", {len(self.broken)} broken problem(s) not scored" if self.broken else ""
+        return (f"{scores or 'no pass@k'}: {self.problems} of {self.scorable} problem(s){broken}, "
+                f"{self.samples} completion(s) ({times})")
+
+    def warnings(self) -> list[str]:
+        """One line per broken problem, and one if the completions cover only part of the problems."""
+        lines = [f"warning: {p.benchmark} problem {p.task_id} is broken and not scored: {why}"
+                 for p, why in self.broken.items()]
+        if self.partial:
+            lines.append(f"warning: PARTIAL: completions for only {self.problems} of {self.scorable} problems; pass@k "
+                         f"is over those {self.problems} alone and not comparable with a full run (\"partial\": true)")
+        return lines
+
+
+def open_results(path: Path, option: str = "--output") -> ResultsFile:
+    """The results file, opened (parents made) before any work, or a one-sentence error naming it."""
+    return ResultsFile(path, open_output(path, option))
 
 
 def load_problems(benchmarks: list[str], limit: int = 0, key: str = "--benchmark") -> list[Problem]:
@@ -60,26 +83,35 @@ def load_problems(benchmarks: list[str], limit: int = 0, key: str = "--benchmark
     return [p for name in benchmarks for p in load_benchmark(name)[:limit or None]]
 
 
-def run_eval(problems: list[Problem], ks: list[int], sandbox: Sandbox, output: Path, *, model=None, tokenizer=None,
-             sampling: Sampling | None = None, batch_size: int = 8, completions_file: Path | None = None,
-             workers: int | None = None) -> Report:
-    """Score a model's completions (or those of completions_file) on the problems; writes every completion with
-    its verdict to `output` (JSONL) and the summary next to it (.summary.json)."""
+def run_eval(problems: list[Problem], ks: list[int], sandbox: Sandbox, results: ResultsFile, *, model=None,
+             tokenizer=None, sampling: Sampling | None = None, batch_size: int = 8,
+             completions: list[Completion] | None = None, workers: int | None = None,
+             broken: dict[Problem, str] | None = None) -> Report:
+    """Score a model's completions (or the given ones) on the problems that are not `broken`; writes every
+    completion with its verdict to `results` as it is known (JSONL) and the summary next to it (.summary.json)."""
+    broken = broken or {}
+    scorable = [p for p in problems if p not in broken]
     seconds = {}
     started = time.perf_counter()
-    if completions_file is not None:
-        completions = read_completions(completions_file, problems)
+    if completions is not None:
+        completions = [c for c in completions if c.problem not in broken]
     else:
-        completions = generate_completions(model, tokenizer, problems, sampling, batch_size)
+        completions = generate_completions(model, tokenizer, scorable, sampling, batch_size)
         seconds["generation"] = time.perf_counter() - started
     started = time.perf_counter()
-    rows = execute(completions, sandbox, workers)
+    try:
+        rows = execute(completions, sandbox, workers, on_row=results.write)
+    finally:
+        results.close()
     seconds["execution"] = time.perf_counter() - started
     attempted = len({(c.problem.benchmark, c.problem.task_id) for c in completions})
-    report = Report(rows, summarize(rows, ks), attempted, len(rows), seconds)
-    write_results(output, rows)
+    report = Report(rows, summarize(rows, ks), attempted, len(rows), seconds, len(scorable), broken)
     summary = {"metrics": report.metrics, "problems": report.problems, "completions": report.samples,
+               "coverage": {"attempted": attempted, "problems": len(scorable),
+                            "fraction": attempted / len(scorable) if scorable else 0.0},
+               "partial": report.partial,
+               "broken": [{"benchmark": p.benchmark, "task_id": p.task_id, "reason": why} for p, why in broken.items()],
                "seconds": seconds, "benchmarks": sorted({p.benchmark for p in problems}),
                "sandbox": sandbox.describe(), "sampling": vars(sampling) if sampling else None}
-    output.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    results.path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return report

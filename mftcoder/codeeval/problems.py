@@ -33,6 +33,7 @@ class Problem:
     test: str
     code_prefix: str = ""
     entry_point: str | None = None
+    canonical: str | None = None  # a completion known to pass, when the benchmark gives one
 
     def program(self, completion: str) -> str:
         check = f"check({self.entry_point})" if self.entry_point else ""
@@ -97,12 +98,14 @@ def humaneval_problems() -> list[Problem]:
     with gzip.open(str(data), "rt", encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     return [Problem(r["task_id"], HUMANEVAL, (Turn("human", INSTRUCTION.format(prompt=r["prompt"])),), r["test"],
-                    code_prefix=r["prompt"], entry_point=r["entry_point"]) for r in records]
+                    code_prefix=r["prompt"], entry_point=r["entry_point"], canonical=r.get("canonical_solution"))
+            for r in records]
 
 
 def user_problems(path: Path) -> list[Problem]:
     """Problems from a JSONL file: `prompt` (or `chat_rounds` ending with a human turn), `test` (Python that checks
-    the code; with `entry_point` it defines check(candidate), as HumanEval's), optional `task_id`."""
+    the code; with `entry_point` it defines check(candidate), as HumanEval's), optional `task_id` and
+    `canonical_solution` (code that passes the test, checked before scoring)."""
     benchmark = path.stem
 
     def problem(record: dict, line: int) -> Problem:
@@ -115,7 +118,10 @@ def user_problems(path: Path) -> list[Problem]:
             raise BadRecord(f"'entry_point': expected a function name, got {entry!r}")
         if not isinstance(task_id, str):
             raise BadRecord(f"'task_id': expected a string, got {type(task_id).__name__}")
-        return Problem(task_id, benchmark, turns, test, entry_point=entry)
+        canonical = record.get("canonical_solution")
+        if canonical is not None and not isinstance(canonical, str):
+            raise BadRecord(f"'canonical_solution': expected a string, got {type(canonical).__name__}")
+        return Problem(task_id, benchmark, turns, test, entry_point=entry, canonical=canonical)
 
     problems = read_jsonl(path, problem, what="problem")
     seen: dict[str, int] = {}

