@@ -99,7 +99,7 @@ def prepare_data(config: Config, tokenizer, template: Template, raise_on_bad: bo
     cache_root = Path(config.data_cache_dir) if config.data_cache_dir else None
     rebuild_before = time.time() if config.overwrite_cache else None  # older caches only: not one a rank just built
     per_task = [prepare_task(load_tokenized(t, tokenizer, template, cache_root, config.preprocessing_num_workers,
-                                            rebuild_before), config) for t in tasks]
+                                            rebuild_before, config.seq_length), config) for t in tasks]
     prepared = PreparedData(tasks, per_task)
     empty = [t.task.name for t in per_task if len(t.train) == 0 and len(t.valid) == 0]
     if raise_on_bad and config.on_bad_record == "error" and prepared.skipped_entries:
