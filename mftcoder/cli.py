@@ -18,6 +18,10 @@ def _is_main_process() -> bool:
 
 def _load(args: argparse.Namespace) -> Config:
     config, notices = load_config(args.config, args.overrides)
+    if config.model_config or config.pretrained_model_path:  # (importing the model code takes a second)
+        from mftcoder.model import position_limit_notice
+
+        notices += [notice] if (notice := position_limit_notice(config)) else []
     if _is_main_process():
         for notice in notices:
             print(f"note: {notice}", file=sys.stderr)

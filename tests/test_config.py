@@ -296,3 +296,14 @@ def test_task_names_are_names(tmp_path, name, problem):
 def test_good_task_names_pass():
     names = {"code_gen": "a", "unit-tests.v2": "b", "代码生成": "c", "T1": "d"}
     assert build_config({"tasks": names})[0].tasks == names
+
+
+def test_seq_length_above_the_models_positions_is_warned(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt_neox", "max_position_embeddings": 512}')
+    assert main(["config", "show", "/dev/null", f"model_config={tmp_path / 'config.json'}", "seq_length=1024"]) == 0
+    assert capsys.readouterr().err == (
+        f"note: seq_length: 1024 is above the model's max_position_embeddings (512, in {tmp_path / 'config.json'}): "
+        "positions past 512 were never trained (a model with learned position embeddings fails there); lower "
+        "seq_length to 512 or extend the model's context (e.g. rope_scaling)\n")
+    assert main(["config", "show", "/dev/null", f"model_config={tmp_path / 'config.json'}", "seq_length=512"]) == 0
+    assert capsys.readouterr().err == ""
