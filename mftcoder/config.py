@@ -30,6 +30,7 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
 
 
 MAX_YAML_VALUES = 100_000  # nodes a config may expand to (aliases counted each time they are used)
+MAX_YAML_DEPTH = 50  # lists and mappings nested in each other
 
 
 class YamlProblem(ValueError):
@@ -99,6 +100,14 @@ def _check_yaml_nodes(root: yaml.Node) -> None:
 
 def _yaml(text: str) -> Any:
     """Parse YAML text (YamlProblem or yaml.YAMLError for what is refused), checking its nodes before building them."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):  # the event parser is iterative; the node composer recurses
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise YamlProblem(event.start_mark.line + 1, f"nested more than {MAX_YAML_DEPTH} levels deep")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
     loader = _Loader(text)
     try:
         node = loader.get_single_node()

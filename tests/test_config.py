@@ -200,7 +200,7 @@ BOMB = "task_weights: [&a [1,1,1,1,1,1,1,1,1], " + ", ".join(
     ("tasks:\n  a: x\n  b: y\n  a: z\n", "c.yaml:4: duplicate key 'a' (first at line 2); keep one of them"),
     ("seed: " + "9" * 5000 + "\n", "c.yaml: cannot read a value: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"),
     ("seed: 2001-13-45\n", "c.yaml: cannot read a value: month must be in 1..12"),
-    ("seed: " + "[" * 5000 + "]" * 5000 + "\n", "c.yaml: nested too deeply"),
+    ("seed: " + "[" * 5000 + "]" * 5000 + "\n", "c.yaml:1: nested more than 50 levels deep"),
     ("a: [1,\n", "c.yaml:2: not valid YAML: expected the node content, but found '<stream end>'"),
 ])
 def test_yaml_refused_before_it_is_built(tmp_path, text, message):
