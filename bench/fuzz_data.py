@@ -385,12 +385,20 @@ def _prompt_answer(rng: random.Random, record: dict) -> bytes:
     if choice == 1:
         del pa[rng.choice(["prompt", "answer"])]
     elif choice == 2:
-        pa = {**pa, "chat_rounds": chat["chat_rounds"]}  # both: chat_rounds wins
+        pa = {**pa, "chat_rounds": chat["chat_rounds"]}  # both forms: a bad record
     elif choice == 3:
         pa["system"] = rng.choice([None, "", "Be brief.", 0])
     elif choice == 4:
         pa = {"question": pa["prompt"], "response": pa["answer"]}
     return _encode(rng, pa)
+
+
+def _huge_record(rng: random.Random, record: dict) -> bytes:
+    """A content of 0.5 to 2 MB (far beyond any seq_length here: cut before tokenizing, truncated or dropped)."""
+    record = _as_chat(record)
+    text = rng.choice(["ab ", "def f(x):\n    return x\n", "\u4e2d\u6587", "-"])
+    _turn(rng, record)["content"] = text * (rng.randint(500_000, 2_000_000) // len(text))
+    return _encode(rng, record)
 
 
 def _remove_key(rng: random.Random, record: dict) -> bytes:
@@ -458,6 +466,7 @@ MUTATIONS: dict[str, Mutation] = {
     "exotic_text": _exotic_text,
     "extra_keys": _extra_keys,
     "prompt_answer": _prompt_answer,
+    "huge_record": _huge_record,
     "remove_key": _remove_key,
     "reorder_turns": _reorder,
     "not_an_object": _not_object,
@@ -504,6 +513,8 @@ def expected_bad(raw: bytes, line_number: int, refused: tuple[str, ...] = ()) ->
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError and too many digits are ValueErrors
         return True
     if not isinstance(obj, dict) or _has_lone_surrogate(obj):
+        return True
+    if "chat_rounds" in obj and ("prompt" in obj or "answer" in obj):  # both forms: refused, not resolved
         return True
     if "chat_rounds" in obj:
         rounds = obj["chat_rounds"]
@@ -599,6 +610,7 @@ class Batch:
     policy: str
     seq_length: int
     preset: str
+    skipped: list[str] = field(default_factory=list)  # entries under the task folders that must be reported skipped
 
     @property
     def files(self) -> list[FileCase]:
@@ -640,6 +652,19 @@ def make_batch(rng: random.Random, root: Path, seeds: list[dict], mutations: int
                  rng.choice(["mftcoder", "mftcoder", "codefuse", "chatml"]))
 
 
+def add_unreadable_entries(rng: random.Random, batch: Batch) -> None:
+    """A FIFO, a broken symlink and a symlink loop in random task folders: each must be reported as skipped,
+    never opened (a FIFO would block) and never followed forever."""
+    names = list(batch.tasks)
+    fifo = batch.root / rng.choice(names) / "pipe.jsonl"
+    os.mkfifo(fifo)
+    broken = batch.root / rng.choice(names) / "gone.jsonl"
+    os.symlink(batch.root / "nowhere.jsonl", broken)
+    loop = batch.root / rng.choice(names) / "loop"
+    os.symlink(".", loop)
+    batch.skipped += [str(fifo), str(broken), str(loop)]
+
+
 def kind_cycle(rng: random.Random) -> Iterable[str]:
     """Every mutation kind once, in a shuffled order, again and again: a few hundred mutations cover them all."""
     while True:
@@ -652,6 +677,8 @@ def kind_cycle(rng: random.Random) -> Iterable[str]:
 
 ERROR_LINE = re.compile(r"^(?P<path>/.+?\.jsonl):(?P<line>\d+): (?P<reason>.+)$")
 SUMMARY = re.compile(r"^(?P<count>\d+) bad record\(s\) \((stopping|skipped and counted): on_bad_record=\w+\)$")
+SKIP_LINE = re.compile(r"^(?P<path>/[^:]+): (?P<reason>.+); (skipped|not read, skipped|read once, skipped here)$")
+SKIP_SUMMARY = re.compile(r"^(?P<count>\d+) entry\(ies\) under the task folders not read as data \(.+\)$")
 
 
 @dataclass
@@ -679,9 +706,16 @@ def judge(batch: Batch, code: int | None, out: str, err: str) -> Outcome:
     physical = {str(f.path): max(len(f.lines), 1) for f in batch.files}
     reported: dict[str, set[int]] = {path: set() for path in expected}
     other: list[str] = []
-    summary_count = None
+    summary_count = skip_count = None
+    skipped_reported: list[str] = []
     for row in out.splitlines():
         match = ERROR_LINE.match(row)
+        if (skip := SKIP_LINE.match(row)) is not None:
+            skipped_reported.append(skip["path"])
+            continue
+        if (skip_summary := SKIP_SUMMARY.match(row)) is not None:
+            skip_count = int(skip_summary["count"])
+            continue
         if match and match["path"] in reported:
             number = int(match["line"])
             if not 1 <= number <= physical[match["path"]]:
@@ -704,7 +738,10 @@ def judge(batch: Batch, code: int | None, out: str, err: str) -> Outcome:
     total_bad = sum(len(v) for v in expected.values())
     if summary_count != (total_bad or None):
         problems.append(f"summary says {summary_count} bad record(s), expected {total_bad}")
-    want_code = 1 if batch.policy == "error" and total_bad else 0
+    if sorted(skipped_reported) != sorted(batch.skipped) or skip_count != (len(batch.skipped) or None):
+        problems.append(f"skipped entries reported {sorted(skipped_reported)} (count {skip_count}), "
+                        f"expected {sorted(batch.skipped)}")
+    want_code = 1 if batch.policy == "error" and (total_bad or batch.skipped) else 0
     if code != want_code:
         problems.append(f"exit code {code}, expected {want_code} (policy {batch.policy}, {total_bad} bad)")
     for name, files in batch.tasks.items():

@@ -20,6 +20,10 @@ def _is_main_process() -> bool:
 
 def _load(args: argparse.Namespace) -> Config:
     config, notices = load_config(args.config, args.overrides)
+    if config.model_config or config.pretrained_model_path:  # (importing the model code takes a second)
+        from mftcoder.model import position_limit_notice
+
+        notices += [notice] if (notice := position_limit_notice(config)) else []
     if _is_main_process():
         for notice in notices:
             print(f"note: {notice}", file=sys.stderr)
@@ -38,16 +42,18 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     config = _load(args)
     tokenizer, template = load_tokenizer(config)
     prepared = prepare_data(config, tokenizer, template, raise_on_bad=False)
-    for error in prepared.errors:
-        print(error)
+    for line in prepared.skipped_entries + prepared.errors:
+        print(line)
     print(check_report(prepared))
     cached = sum(t.data.from_cache for t in prepared.per_task)
     print(f"tokenized data: {cached} of {len(prepared.per_task)} task(s) read from the cache")
+    policy = "stopping" if config.on_bad_record == "error" else "skipped and counted"
+    if prepared.skipped_entries:
+        print(f"{len(prepared.skipped_entries)} entry(ies) under the task folders not read as data ({policy}: "
+              f"on_bad_record={config.on_bad_record})")
     if prepared.errors:
-        policy = "stopping" if config.on_bad_record == "error" else "skipped and counted"
         print(f"{len(prepared.errors)} bad record(s) ({policy}: on_bad_record={config.on_bad_record})")
-        return 1 if config.on_bad_record == "error" else 0
-    return 0
+    return 1 if (prepared.errors or prepared.skipped_entries) and config.on_bad_record == "error" else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

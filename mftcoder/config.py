@@ -7,6 +7,7 @@ import difflib
 import json
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,8 +29,119 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
                               list("tTfF"))
 
 
+MAX_YAML_VALUES = 100_000  # nodes a config may expand to (aliases counted each time they are used)
+MAX_YAML_DEPTH = 50  # lists and mappings nested in each other
+
+
+class YamlProblem(ValueError):
+    """A YAML text this project refuses before building it: `line` (1-based, or None) and the reason."""
+
+    def __init__(self, line: int | None, reason: str):
+        super().__init__(reason)
+        self.line, self.reason = line, reason
+
+    def at(self, where: str) -> str:
+        """The message with its location: 'file:line: reason' (or 'where: reason' without a line)."""
+        return f"{where}:{self.line}: {self.reason}" if self.line else f"{where}: {self.reason}"
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_duplicates(node: yaml.MappingNode) -> None:
+    seen: dict[str, int] = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            if key.value in seen:
+                raise YamlProblem(key.start_mark.line + 1, f"duplicate key {_brief(key.value)} (first at line "
+                                                           f"{seen[key.value]}); keep one of them")
+            seen[key.value] = key.start_mark.line + 1
+
+
+def _expanded_size(root: yaml.Node, sizes: dict[int, int], cap: int) -> int:
+    """Nodes `root` expands to (capped at cap + 1), each alias counted where it is used; iterative, shared
+    nodes sized once, so an alias bomb costs its written size. Refuses recursive aliases and duplicate keys."""
+    stack, open_nodes = [(root, False)], set()
+    while stack:
+        node, finished = stack.pop()
+        if id(node) in sizes:
+            continue
+        if finished:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = min(cap + 1, 1 + sum(sizes[id(child)] for child in _children(node)))
+            continue
+        if id(node) in open_nodes:
+            raise YamlProblem(node.start_mark.line + 1, "a YAML alias refers to a value that contains it (recursive)")
+        if isinstance(node, yaml.MappingNode):
+            _check_duplicates(node)
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack += [(child, False) for child in _children(node) if id(child) not in sizes]
+    return sizes[id(root)]
+
+
+def _check_yaml_nodes(root: yaml.Node) -> None:
+    """Refuse, before anything is built from it, a document with duplicate keys, recursive aliases or a value
+    that expands past MAX_YAML_VALUES nodes (an alias bomb)."""
+    sizes: dict[int, int] = {}
+    pairs = root.value if isinstance(root, yaml.MappingNode) else [(None, root)]
+    for key, value in pairs:
+        if _expanded_size(value, sizes, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            name = f"key {_brief(key.value)}" if isinstance(key, yaml.ScalarNode) else "the value"
+            line = (key or value).start_mark.line + 1
+            raise YamlProblem(line, f"{name} expands to more than {MAX_YAML_VALUES:,} values (nested YAML aliases?); "
+                                    "write the value out")
+    if isinstance(root, yaml.MappingNode):
+        _expanded_size(root, sizes, MAX_YAML_VALUES)
+
+
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    """Parse YAML text (YamlProblem or yaml.YAMLError for what is refused), checking its nodes before building them."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):  # the event parser is iterative; the node composer recurses
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise YamlProblem(event.start_mark.line + 1, f"nested more than {MAX_YAML_DEPTH} levels deep")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_nodes(node)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise YamlProblem(None, "nested too deeply") from None
+    except YamlProblem:
+        raise
+    except ValueError as exc:  # a value the constructor cannot make: a 5000-digit integer, the date 2001-13-45
+        raise YamlProblem(None, f"cannot read a value: {str(exc).split(';')[0]}") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_error(exc: yaml.YAMLError) -> YamlProblem:
+    """A PyYAML error as one line: its problem and where (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return YamlProblem(mark.line + 1 if mark else None, f"not valid YAML: {problem}")
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    """A bounded repr of a value for an error message: long strings, lists, mappings and numbers are cut."""
+    shown = reprlib.Repr()
+    shown.maxstring = shown.maxother = shown.maxlong = limit
+    shown.maxlist = shown.maxtuple = shown.maxdict = shown.maxset = 6
+    shown.maxlevel = 3
+    try:
+        return shown.repr(value)
+    except ValueError:  # an integer too long to print (over 4300 digits)
+        return f"<a {value.bit_length()}-bit integer>" if isinstance(value, int) else f"<{type(value).__name__}>"
 
 
 class ConfigError(ValueError):
@@ -92,7 +204,7 @@ class Config:
     data_weights: list[float] | dict[str, float] = opt([], "Per-task sampling weights per epoch (1 = each sample once, 2 = twice, 0.5 = a random half). List in task order or {task: w}.", section="data", valid=NON_NEGATIVE)
     on_bad_record: str = opt("error", "Bad JSONL records: 'error' reports all and stops; 'skip' skips and counts them.", ("error", "skip"), section="data")
     over_length: str = opt("truncate", "Samples longer than seq_length: 'truncate' them or 'drop' them (counted either way).", ("truncate", "drop"), section="data")
-    seq_length: int = opt(2048, "Maximum tokens per sample (the model's input length).", section="data", valid=Range(2))
+    seq_length: int = opt(2048, "Maximum tokens per sample (the model's input length).", section="data", valid=Range(2, 2**24))
     chat_template: str = opt("mftcoder", "Template: a preset ('mftcoder', the reference's <|role_start|>role<|role_end|>; 'codefuse', <s>human\\n; 'chatml') or 'model' (the chat template the tokenizer carries).", ("mftcoder", "codefuse", "chatml", "model"), section="data")
     chat_markers: dict[str, str] = opt({}, "Override template markers: keys system, human, bot (turn prefixes), system_end, human_end, bot_end (text after the bot's EOS).", section="data")
     tokenizer_path: str | None = opt(None, "Tokenizer directory (default: pretrained_model_path, else the shipped GPT-NeoX-20B tokenizer). Alias: vocab_file.", section="data")
@@ -214,7 +326,7 @@ def _parse_list_string(key: str, text: str) -> list[str]:
     """'[a, b]', 'a,b' or '["a","b"]' -> ['a', 'b'] (the reference passes data_paths as a string)."""
     text = text.strip()
     if text.startswith("[") != text.endswith("]"):
-        raise ConfigError(f"{key}: malformed list {text!r} (unbalanced brackets); write '[a,b]' or 'a,b'")
+        raise ConfigError(f"{key}: malformed list {_brief(text)} (unbalanced brackets); write '[a,b]' or 'a,b'")
     if text.startswith("[") and text.endswith("]"):
         try:
             parsed = json.loads(text)
@@ -224,6 +336,16 @@ def _parse_list_string(key: str, text: str) -> list[str]:
             pass
         text = text[1:-1]
     return [part.strip().strip("'\"") for part in text.split(",") if part.strip()]
+
+
+def _yaml_value(key: str, text: str) -> Any:
+    """A value given as YAML text (a nested list from the command line), or ConfigError naming the key."""
+    try:
+        return _yaml(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: {_yaml_error(exc).reason}") from None
+    except YamlProblem as exc:
+        raise ConfigError(f"{key}: {exc.reason}") from None
 
 
 def _means_null(value: Any, options: list[Any]) -> bool:
@@ -253,10 +375,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.strip().lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_brief(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -266,7 +388,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return int(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -275,17 +397,17 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {_brief(value)}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {_brief(value)}")
     if origin is list:
         (item_type,) = typing.get_args(tp)
         if isinstance(value, str):  # a flow list from the command line; nested plain data is read as YAML
-            value = _yaml(value) if item_type is Any else _parse_list_string(key, value)
+            value = _yaml_value(key, value) if item_type is Any else _parse_list_string(key, value)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_brief(value)}")
         return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
     if origin is dict:
         _, value_type = typing.get_args(tp)
@@ -295,7 +417,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{key}: not a valid mapping: {exc}") from None
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_brief(value)}")
         return {str(k): _coerce(f"{key}.{k}", v, value_type) for k, v in value.items()}
     raise TypeError(f"unsupported field type {tp!r}")  # a bug in the schema, not user input
 
@@ -304,7 +426,7 @@ def _canonical_key(key: str) -> str:
     key = key.strip().lstrip("-").replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in fields():
-        raise ConfigError(f"unknown config key '{key}'{_closest(key)}")
+        raise ConfigError(f"unknown config key {_brief(key)}{_closest(key) if len(key) <= 100 else ''}")
     return key
 
 
@@ -312,13 +434,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON config file into a plain mapping."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else _yaml(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "save the config as UTF-8") from None
+    try:
+        data = _json(text) if path.suffix == ".json" else _yaml(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error(exc).at(str(path))) from None
+    except YamlProblem as exc:
+        raise ConfigError(exc.at(str(path))) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -326,17 +456,45 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _json(text: str) -> Any:
+    """Parse a JSON config (YamlProblem for what is refused: invalid JSON, duplicate keys, deep nesting)."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                spelled = re.escape(json.dumps(key)) + r"\s*:"
+                places = [m.start() for m in re.finditer(spelled, text)]
+                line = text.count("\n", 0, places[1]) + 1 if len(places) > 1 else None
+                raise YamlProblem(line, f"duplicate key {_brief(key)}; keep one of them")
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise YamlProblem(exc.lineno, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise YamlProblem(None, "not valid JSON: nested too deeply") from None
+    except YamlProblem:
+        raise
+    except ValueError as exc:  # an integer of over 4300 digits
+        raise YamlProblem(None, f"not valid JSON: {str(exc).split(';')[0]}") from None
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """['lr=1e-4', 'data_paths=[a,b]'] -> mapping; values are read as YAML scalars/lists."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
+            raise ConfigError(f"override {_brief(item)} must look like key=value")
         key, raw = item.split("=", 1)
         try:
             out[key] = _yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             out[key] = raw
+        except YamlProblem as exc:
+            raise ConfigError(f"{key.strip()}: {exc.reason}") from None
     return out
 
 
@@ -392,12 +550,29 @@ def split_fractions(text: str) -> tuple[float, float, float]:
     try:
         numbers = [float(p) for p in parts]
     except ValueError:
-        raise ConfigError(f"data_split: expected numbers like '95,5,0', got {text!r}") from None
+        raise ConfigError(f"data_split: expected numbers like '95,5,0', got {_brief(text)}") from None
+    if not all(math.isfinite(n) for n in numbers) or not math.isfinite(sum(numbers)):
+        raise ConfigError(f"data_split: expected finite numbers like '95,5,0', got {_brief(text)}")
     if not 1 <= len(numbers) <= 3 or any(n < 0 for n in numbers) or sum(numbers) <= 0:
-        raise ConfigError(f"data_split: expected up to three non-negative numbers with a positive sum, got {text!r}")
+        raise ConfigError(f"data_split: expected up to three non-negative numbers with a positive sum, got {_brief(text)}")
     numbers += [0.0] * (3 - len(numbers))
     total = sum(numbers)
     return (numbers[0] / total, numbers[1] / total, numbers[2] / total)
+
+
+TASK_NAME = re.compile(r"[\w.-]+")  # letters and digits of any script, '_', '.', '-'
+MAX_TASK_NAME_BYTES = 100
+
+
+def task_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a task name (it becomes a file name in the data cache), or None when it can."""
+    if not TASK_NAME.fullmatch(name):
+        return "is not a name: use letters, digits, '_', '.' and '-' only (no '/', spaces or other characters)"
+    if name.startswith("."):
+        return "starts with '.'; a task name may not (it would be a hidden or relative path)"
+    if len(name.encode()) > MAX_TASK_NAME_BYTES:
+        return f"is {len(name.encode())} bytes long (UTF-8); a task name may have at most {MAX_TASK_NAME_BYTES}"
+    return None
 
 
 def check_range(name: str, value: Any, valid: Range | None) -> None:
@@ -408,7 +583,7 @@ def check_range(name: str, value: Any, valid: Range | None) -> None:
     for key, item in items:
         if item not in valid:
             where = name if key is None else f"{name}[{key}]" if isinstance(key, int) else f"{name}.{key}"
-            raise ConfigError(f"{where}: {item!r} is out of range; expected {valid}")
+            raise ConfigError(f"{where}: {_brief(item)} is out of range; expected {valid}")
 
 
 def validate(config: Config, given: set[str]) -> list[str]:
@@ -419,7 +594,7 @@ def validate(config: Config, given: set[str]) -> list[str]:
         if choices and value not in choices:
             match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f"; did you mean '{match[0]}'?" if match else ""
-            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+            raise ConfigError(f"{name}: {_brief(value)} is not one of {', '.join(map(str, choices))}{hint}")
     if config.tp != 1:
         raise ConfigError(f"tp: tensor parallelism is not supported (as in the reference, only tp=1), got {config.tp}")
     for name, f in fields().items():
@@ -439,7 +614,16 @@ def validate(config: Config, given: set[str]) -> list[str]:
     elif config.atorch_strategy is not None:
         raise ConfigError(f"atorch_strategy: read only with distributed_strategy: atorch (this run has "
                           f"{config.distributed_strategy})")
-    split_fractions(config.data_split)
+    _, valid_share, _ = split_fractions(config.data_split)
+    for name in _PATH_KEYS + ("data_paths", "tasks", "model_config"):
+        value = getattr(config, name)
+        texts = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        if any(isinstance(t, str) and "\0" in t for t in texts):
+            raise ConfigError(f"{name}: a path holds a NUL character, which no file name can")
+    for task_name in config.tasks:
+        problem = task_name_problem(task_name)
+        if problem:
+            raise ConfigError(f"tasks: task name {_brief(task_name)} {problem}")
     if not config.load_raw_dataset:
         raise ConfigError("load_raw_dataset: only raw JSONL input is supported; set it to true (or leave it out)")
     if config.fp16:
@@ -447,7 +631,7 @@ def validate(config: Config, given: set[str]) -> list[str]:
     metric = config.metric_for_best_model
     if metric != "loss" and not metric.startswith(("loss/", "pass@1")):
         raise ConfigError(f"metric_for_best_model: expected 'loss', 'loss/<task>', 'pass@1' or 'pass@1/<benchmark>', "
-                          f"got {metric!r}")
+                          f"got {_brief(metric)}")
     if metric.startswith("pass@1") and not config.generation_eval:
         raise ConfigError(f"metric_for_best_model: {metric} is measured by generation_eval; name its benchmarks, "
                           "e.g. generation_eval: [humaneval]")
@@ -467,6 +651,10 @@ def validate(config: Config, given: set[str]) -> list[str]:
         raise ConfigError(f"task_weights: fixed weights do not combine with weighted_loss_mode: "
                           f"{config.weighted_loss_mode}, which sets the weights itself; remove one of them")
     notices = [PLACEHOLDER_NOTICES[k] for k in sorted(given) if k in PLACEHOLDER_NOTICES]
+    if valid_share == 0 and config.evaluation_strategy != "no" and not config.generation_eval:
+        notices.append(f"data_split {config.data_split!r} leaves no validation samples, so evaluation_strategy: "
+                       f"{config.evaluation_strategy} never evaluates (no validation loss, no best checkpoint); give "
+                       "data_split a validation share (e.g. '95,5,0') or set evaluation_strategy: no")
     if config.torch_dtype == "bfloat16" and not config.peft_type:
         notices.append("torch_dtype: bfloat16 with full fine-tuning keeps no float32 master weights: AdamW updates "
                        "below ~1/256 of a weight round away (at learning_rate 1e-5, most of them); use torch_dtype "
@@ -504,7 +692,7 @@ def forward_token_limit(config: Config, device_type: str) -> int:
 def check_metric_name(config: Config, metrics: list[str]) -> None:
     """metric_for_best_model names a metric this run's evaluators measure (checked before the first step)."""
     if config.metric_for_best_model not in metrics:
-        raise ConfigError(f"metric_for_best_model: {config.metric_for_best_model!r} is not a metric of this run; "
+        raise ConfigError(f"metric_for_best_model: {_brief(config.metric_for_best_model)} is not a metric of this run; "
                           f"choose from {', '.join(metrics)}")
 
 

@@ -241,3 +241,20 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def position_limit_notice(config: Config) -> str | None:
+    """A warning when seq_length is above the model's max_position_embeddings (None when it is not, or when the
+    model's config cannot be read here: loading the model reports that)."""
+    source = config.model_config or config.pretrained_model_path
+    if not source:
+        return None
+    try:
+        limit = read_model_config(source).get("max_position_embeddings")
+    except (ConfigError, OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(limit, int) or isinstance(limit, bool) or config.seq_length <= limit:
+        return None
+    return (f"seq_length: {config.seq_length} is above the model's max_position_embeddings ({limit}, in {source}): "
+            f"positions past {limit} were never trained (a model with learned position embeddings fails there); "
+            f"lower seq_length to {limit} or extend the model's context (e.g. rope_scaling)")

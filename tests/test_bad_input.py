@@ -52,6 +52,9 @@ MALFORMED = [
     (json.dumps({"chat_rounds": [{"role": "r" * 5000, "content": "x"}]}),
      "unknown role '" + "r" * 40 + "'... (5,000 characters) (expected system"),
     ('{"a\\nb\\ud800": 1, "prompt": "q", "answer": "a"}', "['a\\nb\\ud800'] (key): lone surrogate \\ud800 at character 3"),
+    (json.dumps({**GOOD, "prompt": "q", "answer": "a"}),
+     "both 'chat_rounds' and 'prompt', 'answer': a record is one or the other form; keep one"),
+    (json.dumps({**GOOD, "answer": "a"}), "both 'chat_rounds' and 'answer': a record is one or the other form; keep one"),
 ]
 
 
@@ -143,3 +146,70 @@ def test_files_are_read_recursively_in_sorted_order(tmp_path, tokenizer, templat
     data = prepare_data(config, tokenizer, template).per_task[0].data
     assert [data.where(i) for i in range(len(data))] == [
         f"{folder / 'a.jsonl'}:1", f"{folder / 'a.jsonl'}:2", f"{folder / 'b.jsonl'}:1", f"{folder / 'sub' / 'c.jsonl'}:1"]
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_fifos_and_symlinks_under_a_task_folder_are_reported(tmp_path, capsys, policy):
+    import os
+
+    folder = write_task(tmp_path, "t", [GOOD])
+    other = write_task(tmp_path, "other", [GOOD, GOOD])
+    os.mkfifo(folder / "fifo.jsonl")  # opening it would block: it must never be opened
+    os.symlink(tmp_path / "gone.jsonl", folder / "broken.jsonl")
+    os.symlink("data.jsonl", folder / "alias.jsonl")  # a symlink to a regular file is followed
+    os.symlink(other, folder / "linked")  # and so is a symlinked folder
+    (folder / "sub").mkdir()
+    os.symlink("..", folder / "sub" / "loop")  # a loop: the folder is read once
+    os.symlink("self.jsonl", folder / "self.jsonl")
+    code, out, _ = run_check(tmp_path, capsys, [folder], policy)
+    assert out.splitlines()[:4] == [
+        f"{folder}/broken.jsonl: broken symlink (to '{tmp_path}/gone.jsonl'); skipped",
+        f"{folder}/fifo.jsonl: not a regular file (a FIFO); not read, skipped",
+        f"{folder}/self.jsonl: a symlink loop; skipped",
+        f"{folder}/sub/loop: the same folder as {folder} (a symlink loop or a second link to it); read once, skipped here"]
+    policy_text = "stopping" if policy == "error" else "skipped and counted"
+    assert f"4 entry(ies) under the task folders not read as data ({policy_text}: on_bad_record={policy})" in out
+    table = next(row for row in out.splitlines() if row.startswith("t "))
+    assert table.split()[1:4] == ["4", "0", "4"]  # data.jsonl, alias.jsonl, linked/data.jsonl (2 lines)
+    assert code == (1 if policy == "error" else 0)
+
+
+def test_a_fifo_is_never_opened_even_when_it_appears_after_discovery(tmp_path):
+    import os
+
+    from mftcoder.data.records import read_lines
+
+    os.mkfifo(tmp_path / "late.jsonl")
+    assert [(n, str(r)) for n, r in read_lines(tmp_path / "late.jsonl")] == [
+        (1, "not a regular file (a FIFO, socket or device); not read")]
+
+
+def test_training_stops_on_skipped_entries_under_error_policy(tmp_path, tokenizer, template):
+    import os
+
+    from mftcoder.config import build_config
+    from mftcoder.data.prepare import prepare_data
+    from mftcoder.data.records import DataError
+
+    folder = write_task(tmp_path, "t", [GOOD, GOOD])
+    os.mkfifo(folder / "fifo.jsonl")
+    values = {"data_paths": [str(folder)], "data_cache_dir": str(tmp_path / "c")}
+    with pytest.raises(DataError) as caught:
+        prepare_data(build_config(values)[0], tokenizer, template)
+    assert str(caught.value) == (f"{folder}/fifo.jsonl: not a regular file (a FIFO); not read, skipped\n1 entry(ies) "
+                                 "under the task folders cannot be read as data; remove them or set on_bad_record: skip "
+                                 "to skip and count them")
+    assert len(prepare_data(build_config({**values, "on_bad_record": "skip"})[0], tokenizer, template).skipped_entries) == 1
+
+
+def test_task_names_never_leave_the_cache_folder(tmp_path, capsys):
+    folder = write_task(tmp_path, "t", [GOOD])
+    hidden = write_task(tmp_path, ".hidden", [GOOD])
+    for tasks in ({"/tmp/x": str(folder)}, {"../../x": str(folder)}):
+        code = main(["data", "check", "/dev/null", f"tasks={json.dumps(tasks)}", f"data_cache_dir={tmp_path / 'c'}"])
+        assert code == 2 and "is not a name: use letters, digits" in capsys.readouterr().err
+    code, _, err = run_check(tmp_path, capsys, [hidden])
+    assert code == 2 and err == (f"error: {hidden}: task name '.hidden' (the folder's name) starts with '.'; a task "
+                                 "name may not (it would be a hidden or relative path); rename it with tasks: "
+                                 "{name: folder}\n")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "cache").exists()

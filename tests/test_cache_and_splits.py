@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from mftcoder.cli import main
 from mftcoder.config import ConfigError, build_config
 from mftcoder.data import tokenize
 from mftcoder.data.prepare import prepare_data
+from mftcoder.data.records import DataError
 from mftcoder.data.tasks import discover_tasks, per_task_values, split_indices
 from mftcoder.model import DEMO_DATA
 
@@ -126,3 +129,84 @@ def test_explicit_task_map(tmp_path):
     folder = write_task(tmp_path, "folder_name", [chat(("human", "q"), ("bot", "a"))])
     tasks = discover_tasks([], {"renamed": str(folder)})
     assert [(t.id, t.name) for t in tasks] == [(0, "renamed")]
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda d: (d / "ids.bin").write_bytes((d / "ids.bin").read_bytes()[:-8]),
+     "ids.bin holds 168 bytes and mask.bin 44; meta.json says 44 tokens"),
+    (lambda d: (d / "ids.bin").write_bytes(b"\xff\xff\xff\x7f" + (d / "ids.bin").read_bytes()[4:]),
+     "token ids outside the tokenizer's vocabulary of 50,279 (from token 0 on)"),
+    (lambda d: (d / "mask.bin").write_bytes(b"\x07" + (d / "mask.bin").read_bytes()[1:]),
+     "loss-mask values other than 0 and 1 (from token 0 on)"),
+    (lambda d: (d / "meta.json").write_text("{oops"), "meta.json cannot be read (JSONDecodeError)"),
+    (lambda d: (d / "index.npz").write_bytes(b"PK\x03\x04junk"), "its files cannot be read (BadZipFile)"),
+])
+def test_a_damaged_cache_is_reported_and_tokenized_again(tmp_path, capsys, tokenizer, template, damage, problem):
+    folder = write_task(tmp_path, "t", [chat(("human", f"question {i}"), ("bot", f"answer {i}")) for i in range(4)])
+    values = {"data_paths": [str(folder)], "data_cache_dir": str(tmp_path / "cache"), "data_split": "1,0,0"}
+    first = prepare_data(build_config(values)[0], tokenizer, template).per_task[0].data
+    reference = (np.asarray(first.ids).copy(), np.asarray(first.mask).copy(), first.starts.copy())
+    (directory,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    damage(directory)
+    again = prepare_data(build_config(values)[0], tokenizer, template).per_task[0].data
+    assert capsys.readouterr().err == (f"note: the tokenized cache of task t ({directory}) is damaged: {problem}; "
+                                       "tokenizing again\n")
+    assert not again.from_cache
+    assert all(np.array_equal(a, b) for a, b in zip(reference, (again.ids, again.mask, again.starts)))
+    assert prepare_data(build_config(values)[0], tokenizer, template).per_task[0].data.from_cache
+
+
+def test_a_huge_record_is_cut_before_tokenizing_with_the_same_result(tmp_path, tokenizer, template):
+    """Content far beyond seq_length is not tokenized (memory), and what truncation keeps is unchanged."""
+    from mftcoder.data.records import parse_record
+    from mftcoder.data.tokenize import ChunkEncoder
+
+    code = "def f(x):\n    return x * 2  # double it\n"
+    spaces = chat(("human", "A rule."), ("bot", "-" * 3000))  # fits in 64 tokens though long in characters
+    records = [chat(("human", "Write it."), ("bot", code * 500)), spaces, chat(("human", code * 500), ("bot", "ok"))]
+    lines = [(n, json.dumps(r)) for n, r in enumerate(records, 1)]
+    cut = ChunkEncoder(tokenizer, template, seq_length=64)(("x.jsonl", lines))
+    whole = ChunkEncoder(tokenizer, template)(("x.jsonl", lines))
+    assert cut.cut == 2 and whole.cut == 0 and cut.errors == whole.errors == []
+    assert whole.lengths.tolist()[1] == cut.lengths.tolist()[1] < 64  # the one that fits: untouched
+    assert cut.lengths.max() < 1000 < whole.lengths.min(initial=10**9, where=whole.lengths > 64)
+    for k in range(3):
+        a, b = (int(x.lengths[:k].sum()) for x in (cut, whole))
+        assert np.array_equal(cut.ids[a:a + 64], whole.ids[b:b + 64]) and np.array_equal(cut.mask[a:a + 64], whole.mask[b:b + 64])
+    assert parse_record(lines[0][1])  # the record itself is valid
+
+    folder = write_task(tmp_path, "t", [records[0]] * 2 + [spaces])
+    folder_file = folder / "data.jsonl"
+    folder_file.write_text(folder_file.read_text() + json.dumps(chat(("human", "x" * 2_000_000), ("bot", "y"))) + "\n")
+    base = {"data_paths": [str(folder)], "data_cache_dir": str(tmp_path / "c"), "data_split": "1,0,0", "seq_length": 64}
+    short = prepare_data(build_config(base)[0], tokenizer, template).per_task[0]
+    assert short.data.cut == 3 and len(short.data.ids) < 2000  # 2 MB of text never tokenized
+    assert (short.truncated, short.dropped_no_target, int(short.kept.sum())) == (2, 1, 3)
+    dropped = prepare_data(build_config({**base, "over_length": "drop"})[0], tokenizer, template).per_task[0]
+    assert dropped.data.from_cache and dropped.dropped_over_length == 3
+    longer = prepare_data(build_config({**base, "seq_length": 128})[0], tokenizer, template).per_task[0].data
+    assert not longer.from_cache and longer.cut == 3  # cut for 64: tokenized again for 128
+
+
+def _square_unless_13(x: int) -> int:
+    if x == 13:
+        raise DataError("13 is unlucky")
+    return x * x
+
+
+def _children() -> set[int]:
+    return {int(pid) for pid in Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()}
+
+
+def test_ordered_map_keeps_order_raises_the_jobs_error_and_never_leaves_a_worker():
+    from mftcoder.data.workers import ordered_map
+
+    before = _children()
+    squares = ordered_map(_square_unless_13, range(12), 3)
+    assert [next(squares) for _ in range(5)] == [0, 1, 4, 9, 16]
+    assert len(_children() - before) == 3
+    squares.close()  # the caller stops early (an interruption closes it the same way)
+    assert _children() == before
+    with pytest.raises(DataError, match="13 is unlucky"):
+        list(ordered_map(_square_unless_13, range(20), 2))
+    assert _children() == before

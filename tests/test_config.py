@@ -187,3 +187,123 @@ def test_total_train_batch_size_sets_the_per_process_batch(values, world, per_de
 def test_batch_settings_that_cannot_hold_are_refused(values, world, message):
     with pytest.raises(ConfigError, match=message):
         resolve_for_world(build_config(values)[0], world)
+
+
+BOMB = "task_weights: [&a [1,1,1,1,1,1,1,1,1], " + ", ".join(
+    f"&{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")) + "]\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB, "c.yaml:1: key 'task_weights' expands to more than 100,000 values (nested YAML aliases?); write the value out"),
+    ("a: &x [1, *x]\n", "c.yaml:1: a YAML alias refers to a value that contains it (recursive)"),
+    ("seq_length: 10\nlearning_rate: 1e-4\nseq_length: 20\n", "c.yaml:3: duplicate key 'seq_length' (first at line 1); keep one of them"),
+    ("tasks:\n  a: x\n  b: y\n  a: z\n", "c.yaml:4: duplicate key 'a' (first at line 2); keep one of them"),
+    ("seed: " + "9" * 5000 + "\n", "c.yaml: cannot read a value: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"),
+    ("seed: 2001-13-45\n", "c.yaml: cannot read a value: month must be in 1..12"),
+    ("seed: " + "[" * 5000 + "]" * 5000 + "\n", "c.yaml:1: nested more than 50 levels deep"),
+    ("a: [1,\n", "c.yaml:2: not valid YAML: expected the node content, but found '<stream end>'"),
+])
+def test_yaml_refused_before_it_is_built(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{tmp_path}/{message}"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"seq_length": 10,\n "seq_length": 20}', "c.json:2: duplicate key 'seq_length'; keep one of them"),
+    ('{"seed": ' + "9" * 5000 + "}", "c.json: not valid JSON: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"),
+    ('{"seed": ' + "[" * 100_000 + "]" * 100_000 + "}", "c.json: not valid JSON: nested too deeply"),
+    ('{"seed": 1,}', "c.json:1: not valid JSON: Expecting property name enclosed in double quotes (column 12)"),
+])
+def test_json_config_problems_are_sentences(tmp_path, text, message):
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{tmp_path}/{message}"
+
+
+def test_alias_bomb_and_non_utf8_through_the_cli(tmp_path, capsys):
+    (tmp_path / "bomb.yaml").write_text(BOMB)
+    (tmp_path / "latin1.yaml").write_bytes(b"seq_length: 10\n# caf\xe9\n")
+    assert main(["config", "show", str(tmp_path / "bomb.yaml")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path}/bomb.yaml:1: key 'task_weights' expands to more than "
+                                       "100,000 values (nested YAML aliases?); write the value out\n")
+    assert main(["config", "show", str(tmp_path / "latin1.yaml")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path}/latin1.yaml:2: not UTF-8 text (byte 0xe9 at offset 20); "
+                                       "save the config as UTF-8\n")
+
+
+def test_error_messages_show_a_bounded_value():
+    with pytest.raises(ConfigError) as caught:
+        build_config({"seq_length": [list(range(1000))] * 1000})
+    assert str(caught.value) == "seq_length: expected an integer, got [[0, 1, 2, 3, 4, 5, ...], [0, 1, 2, 3, 4, 5, ...], " \
+                                "[0, 1, 2, 3, 4, 5, ...], [0, 1, 2, 3, 4, 5, ...], [0, 1, 2, 3, 4, 5, ...], [0, 1, 2, 3, 4, 5, ...], ...]"
+    with pytest.raises(ConfigError) as caught:
+        build_config({"x" * 100_000: 1})
+    assert len(str(caught.value)) < 100
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["atorch_strategy=[a"], "atorch_strategy: not valid YAML: expected ',' or ']', but got '<stream end>'"),
+    (["tasks={a: x, a: y}"], "tasks: duplicate key 'a' (first at line 1); keep one of them"),
+    (["output_dir=a\x00b"], "output_dir: a path holds a NUL character, which no file name can"),
+])
+def test_override_problems_are_sentences(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("split", ["nan,1,1", "1,inf,0", "1e308,1e308", "-1,2,0", "1,-0.5"])
+def test_data_split_must_be_finite_and_non_negative(split):
+    with pytest.raises(ConfigError, match=r"^data_split: expected (finite numbers|up to three non-negative numbers)"):
+        build_config({"data_split": split})
+
+
+def test_a_split_without_validation_part_is_noted():
+    _, notices = build_config({"data_split": "100,0,0"})
+    assert notices == ["data_split '100,0,0' leaves no validation samples, so evaluation_strategy: steps never "
+                       "evaluates (no validation loss, no best checkpoint); give data_split a validation share (e.g. "
+                       "'95,5,0') or set evaluation_strategy: no"]
+    assert build_config({"data_split": "100,0,0", "evaluation_strategy": "no"})[1] == []
+    assert build_config({"data_split": "100,0,0", "generation_eval": ["humaneval"]})[1] == []
+
+
+def test_seq_length_is_bounded():
+    with pytest.raises(ConfigError) as caught:
+        build_config({"seq_length": 1_000_000_000, "padding_mode": "padding"})
+    assert str(caught.value) == "seq_length: 1000000000 is out of range; expected at least 2 and at most 16777216"
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("/tmp/x", "is not a name: use letters, digits, '_', '.' and '-' only (no '/', spaces or other characters)"),
+    ("../../x", "is not a name: use letters, digits, '_', '.' and '-' only (no '/', spaces or other characters)"),
+    ("a b", "is not a name: use letters, digits, '_', '.' and '-' only (no '/', spaces or other characters)"),
+    ("", "is not a name: use letters, digits, '_', '.' and '-' only (no '/', spaces or other characters)"),
+    ("..", "starts with '.'; a task name may not (it would be a hidden or relative path)"),
+    (".cache", "starts with '.'; a task name may not (it would be a hidden or relative path)"),
+    ("t" * 101, "is 101 bytes long (UTF-8); a task name may have at most 100"),
+])
+def test_task_names_are_names(tmp_path, name, problem):
+    with pytest.raises(ConfigError) as caught:
+        build_config({"tasks": {name: str(tmp_path)}})
+    assert str(caught.value) == f"tasks: task name {name if len(name) < 50 else 't' * 27 + '...' + 't' * 28!r} {problem}"
+
+
+def test_good_task_names_pass():
+    names = {"code_gen": "a", "unit-tests.v2": "b", "代码生成": "c", "T1": "d"}
+    assert build_config({"tasks": names})[0].tasks == names
+
+
+def test_seq_length_above_the_models_positions_is_warned(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt_neox", "max_position_embeddings": 512}')
+    assert main(["config", "show", "/dev/null", f"model_config={tmp_path / 'config.json'}", "seq_length=1024"]) == 0
+    assert capsys.readouterr().err == (
+        f"note: seq_length: 1024 is above the model's max_position_embeddings (512, in {tmp_path / 'config.json'}): "
+        "positions past 512 were never trained (a model with learned position embeddings fails there); lower "
+        "seq_length to 512 or extend the model's context (e.g. rope_scaling)\n")
+    assert main(["config", "show", "/dev/null", f"model_config={tmp_path / 'config.json'}", "seq_length=512"]) == 0
+    assert capsys.readouterr().err == ""

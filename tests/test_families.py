@@ -46,7 +46,7 @@ def trainer_for(small_tasks, tmp_path, name, **overrides) -> Trainer:
     values = {**small_tasks, "model_config": str(model_config_file(tmp_path, name)), "output_dir": str(tmp_path / "run"),
               "seq_length": 96, "per_device_train_batch_size": 2, "learning_rate": 5e-2, "max_steps": 1,
               "evaluation_strategy": "no", "data_split": "80,20,0", "peft_type": "lora", "lora_dropout": 0.0,
-              **overrides}
+              "overwrite_output_dir": True, **overrides}  # each trainer here is a fresh run
     return Trainer(build_config(values)[0], DistEnv())
 
 

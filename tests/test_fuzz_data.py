@@ -54,6 +54,7 @@ def test_mutated_lines_are_all_reported_and_nothing_escapes(tmp_path, capsys, se
     rng = random.Random(seed)
     batch = fuzz.make_batch(rng, tmp_path / "data", seeds, 150, fuzz.kind_cycle(rng))
     batch = dataclasses.replace(batch, policy=policy, preset=preset, seq_length=seq_length)
+    fuzz.add_unreadable_entries(rng, batch)
     kinds = {e.kind for f in batch.files for e in f.entries}
     assert batch.mutations == 150 and kinds == {*fuzz.KINDS, "good"}
 
@@ -95,7 +96,7 @@ def test_mutated_lines_are_all_reported_and_nothing_escapes(tmp_path, capsys, se
     assert all_kept >= kept_good  # kept or dropped for length: never reported bad
     if seq_length == 8192:
         assert sum(int(outcome.table[name][4]) for name in batch.tasks) <= sum(
-            e.kind in ("long_string", "stacked") for f in batch.files for e in f.entries)
+            e.kind in ("long_string", "huge_record", "stacked") for f in batch.files for e in f.entries)
 
 
 def test_the_judge_catches_crashes_unreported_lines_and_split_reasons(tmp_path, seeds):

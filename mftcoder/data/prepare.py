@@ -48,6 +48,11 @@ class PreparedData:
     def errors(self) -> list[str]:
         return [e for t in self.per_task for e in t.data.errors]
 
+    @property
+    def skipped_entries(self) -> list[str]:
+        """`path: reason` for each entry under a task folder that was left out (a FIFO, a broken symlink, ...)."""
+        return [line for t in self.tasks for line in t.skipped]
+
 
 def apply_length_policy(data: TokenizedTask, seq_length: int, over_length: str) -> dict:
     """Which records survive seq_length under `over_length`, their lengths and supervised-token counts."""
@@ -94,9 +99,13 @@ def prepare_data(config: Config, tokenizer, template: Template, raise_on_bad: bo
     cache_root = Path(config.data_cache_dir) if config.data_cache_dir else None
     rebuild_before = time.time() if config.overwrite_cache else None  # older caches only: not one a rank just built
     per_task = [prepare_task(load_tokenized(t, tokenizer, template, cache_root, config.preprocessing_num_workers,
-                                            rebuild_before), config) for t in tasks]
+                                            rebuild_before, config.seq_length), config) for t in tasks]
     prepared = PreparedData(tasks, per_task)
     empty = [t.task.name for t in per_task if len(t.train) == 0 and len(t.valid) == 0]
+    if raise_on_bad and config.on_bad_record == "error" and prepared.skipped_entries:
+        skipped = prepared.skipped_entries
+        raise DataError("\n".join(skipped) + f"\n{len(skipped)} entry(ies) under the task folders cannot be read as "
+                        "data; remove them or set on_bad_record: skip to skip and count them")
     if raise_on_bad and config.on_bad_record == "error" and prepared.errors:
         raise DataError("\n".join(prepared.errors) + f"\n{len(prepared.errors)} bad record(s); fix them or set "
                         "on_bad_record: skip to skip and count them")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -131,6 +133,9 @@ def parse_record(text: str) -> tuple[Turn, ...]:
 def record_turns(obj: dict, prompt_only: bool = False) -> tuple[Turn, ...]:
     """A record's turns from `chat_rounds` or a prompt/answer pair (prompt_only: the answer is not needed
     and a conversation must end with the human turn to answer)."""
+    if "chat_rounds" in obj and ("prompt" in obj or "answer" in obj):
+        both = "', '".join(k for k in ("prompt", "answer") if k in obj)
+        raise BadRecord(f"both 'chat_rounds' and '{both}': a record is one or the other form; keep one")
     if "chat_rounds" in obj:
         rounds = obj["chat_rounds"]
         if not isinstance(rounds, list) or not rounds:
@@ -174,7 +179,12 @@ def read_jsonl(path: Path, convert: Callable[[dict, int], T], what: str = "recor
 
 def read_lines(path: Path, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, str | BadRecord]]:
     """Yield (line number, decoded text or BadRecord) for each line; bounded memory for huge lines."""
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put there since the folder was listed cannot block
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        yield 1, BadRecord("not a regular file (a FIFO, socket or device); not read")
+        return
+    with os.fdopen(fd, "rb") as f:
         number = 0
         while True:
             raw = f.readline(max_bytes + 1)

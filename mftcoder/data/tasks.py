@@ -2,24 +2,72 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mftcoder.config import ConfigError
+from mftcoder.config import ConfigError, task_name_problem
 from mftcoder.data.records import DataError
 
 
 @dataclass(frozen=True)
 class Task:
-    """One task: its id (position in the run's task list), name, folder and JSONL files (sorted)."""
+    """One task: its id (position in the run's task list), name, folder, JSONL files (sorted), and a
+    `path: reason` line for each entry under the folder that was skipped."""
 
     id: int
     name: str
     path: Path
     files: tuple[Path, ...]
+    skipped: tuple[str, ...] = ()
+
+
+def find_jsonl(folder: Path) -> tuple[list[Path], list[str]]:
+    """The `*.jsonl` files under a folder, sorted, and a `path: reason; skipped` line for each entry left out.
+    Symlinks are followed (to files and folders); a folder reached a second time (a symlink loop, or two links
+    to one folder) is read once. Left out: a `*.jsonl` that is not a regular file (a FIFO, socket or device; it
+    is never opened), broken or looping symlinks, folders that cannot be read."""
+    files: list[Path] = []
+    skipped: list[str] = []
+    seen: dict[tuple[int, int], Path] = {}
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        info = os.stat(current)
+        if (info.st_dev, info.st_ino) in seen:
+            skipped.append(f"{current}: the same folder as {seen[info.st_dev, info.st_ino]} (a symlink loop or a "
+                           "second link to it); read once, skipped here")
+            continue
+        seen[info.st_dev, info.st_ino] = current
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append(f"{current}: cannot read this folder ({exc.strerror}); skipped")
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                mode = os.stat(path).st_mode  # follows symlinks; never opens anything
+            except OSError as exc:
+                what = "broken symlink" if entry.is_symlink() else "cannot be read"
+                target = f" (to '{os.readlink(path)}')" if entry.is_symlink() else ""
+                reason = "a symlink loop" if exc.errno == errno.ELOOP else f"{what}{target}"
+                skipped.append(f"{path}: {reason}; skipped")
+                continue
+            if stat.S_ISDIR(mode):
+                pending.append(path)
+            elif entry.name.endswith(".jsonl"):
+                if stat.S_ISREG(mode):
+                    files.append(path)
+                else:
+                    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+                    skipped.append(f"{path}: not a regular file ({kind}); not read, skipped")
+    return sorted(files), skipped
 
 
 def discover_tasks(data_paths: list[str], task_map: dict[str, str] | None = None) -> list[Task]:
@@ -35,14 +83,21 @@ def discover_tasks(data_paths: list[str], task_map: dict[str, str] | None = None
             problems.append(f"{path}: duplicate task name '{name}' (also {seen[name]}); use the tasks map to rename one")
             continue
         seen[name] = path
+        problem = task_name_problem(name)
+        if problem:
+            source = "(the folder's name) " if (name, path) in named[:len(data_paths)] else ""
+            problems.append(f"{path}: task name {name!r} {source}{problem}; rename it with tasks: {{name: folder}}")
+            continue
         if not path.is_dir():
             problems.append(f"{path}: task folder does not exist" if not path.exists() else f"{path}: not a folder")
             continue
-        files = tuple(sorted(p for p in path.rglob("*.jsonl") if p.is_file()))
+        files, skipped = find_jsonl(path)
         if not files:
-            problems.append(f"{path}: no .jsonl files under this folder")
+            problems.append(f"{path}: no .jsonl files under this folder"
+                            + (f" ({len(skipped)} entries skipped: {skipped[0]}{', ...' if len(skipped) > 1 else ''})"
+                               if skipped else ""))
             continue
-        tasks.append(Task(len(tasks), name, path, files))
+        tasks.append(Task(len(tasks), name, path, tuple(files), tuple(skipped)))
     if problems:
         raise DataError("\n".join(problems))
     return tasks

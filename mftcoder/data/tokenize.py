@@ -7,11 +7,10 @@ import fcntl
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import shutil
-import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +19,18 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from mftcoder.config import task_name_problem
+from mftcoder.data.cache_check import cache_problem, read_meta
 from mftcoder.data.records import BadRecord, DataError, Turn, parse_record, read_lines
 from mftcoder.data.tasks import Task
 from mftcoder.data.template import ChatTemplate, ModelTemplate, Rendering, control_token_pattern
+from mftcoder.data.workers import ordered_map
 
 CACHE_FORMAT = 2
 CHUNK_LINES = 2000
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024  # below this, starting worker processes costs more than it saves
+CUT_CHARS_PER_TOKEN = 8  # a record with more content characters than this x seq_length is tokenized cut first
+CUT_MARGIN = 16  # a cut is kept only when it leaves this many tokens beyond seq_length
 
 
 def supervised_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
@@ -136,6 +140,7 @@ class EncodedChunk:
     path: str
     num_bytes: int  # roughly, for progress
     as_text: int  # records whose contents held control tokens, encoded as text
+    cut: int = 0  # records whose contents were cut before tokenizing (longer than seq_length can hold)
 
 
 @dataclass
@@ -144,22 +149,34 @@ class ChunkEncoder:
 
     tokenizer: object
     template: Template
+    seq_length: int | None = None  # records far longer than this are cut before tokenizing (None: never)
 
     def __call__(self, job: tuple[str, list[tuple[int, str | BadRecord]]]) -> EncodedChunk:
         path, lines = job
-        renderings, numbers, errors = [], [], {}
+        renderings, numbers, errors, long = [], [], {}, {}
         num_bytes = sum(len(text) + 1 for _, text in lines if isinstance(text, str))
+        limit = None if self.seq_length is None else self.seq_length * CUT_CHARS_PER_TOKEN
         for number, text in lines:
             try:
                 if isinstance(text, BadRecord):
                     raise text
-                renderings.append(self.template.render(parse_record(text)))
-                numbers.append(number)
+                turns = parse_record(text)
+                if limit is not None and sum(len(t.content) for t in turns) > limit:
+                    long[number] = turns
+                else:
+                    renderings.append(self.template.render(turns))
+                    numbers.append(number)
             except BadRecord as exc:
                 errors[number] = f"{path}:{number}: {exc}"
         controls = control_token_pattern(self.tokenizer, self.template.jinja())
+        encoded_all = dict(zip(numbers, encode_renderings(self.tokenizer, controls, renderings)))
+        cut = 0
+        for number, turns in long.items():
+            encoded_all[number], was_cut = self._encode_long(turns, controls)
+            cut += was_cut
         kept, kept_numbers = [], []
-        for number, encoded in zip(numbers, encode_renderings(self.tokenizer, controls, renderings)):
+        for number in sorted(encoded_all):
+            encoded = encoded_all[number]
             if isinstance(encoded, BadRecord):
                 errors[number] = f"{path}:{number}: {encoded}"
             else:
@@ -169,7 +186,33 @@ class ChunkEncoder:
         ids = np.concatenate([e.ids for e in kept]) if kept else np.zeros(0, np.int32)
         mask = np.concatenate([e.mask for e in kept]) if kept else np.zeros(0, np.uint8)
         return EncodedChunk(ids, mask, lengths, np.array(kept_numbers, dtype=np.int32),
-                            [errors[n] for n in sorted(errors)], path, num_bytes, sum(e.as_text > 0 for e in kept))
+                            [errors[n] for n in sorted(errors)], path, num_bytes, sum(e.as_text > 0 for e in kept), cut)
+
+    def _encode_long(self, turns: tuple[Turn, ...], controls: re.Pattern) -> tuple[Encoded | BadRecord, bool]:
+        """A record with more text than seq_length tokens can hold, tokenized with its contents cut after the first
+        N characters (N doubling from 8 x seq_length) once that leaves over seq_length + CUT_MARGIN tokens: what
+        truncation keeps is then the same, at a fraction of the memory. Not cut where the cut-off text holds
+        control-token text (which decides whether the record is refused or counted as text)."""
+        total = sum(len(t.content) for t in turns)
+        keep = self.seq_length * CUT_CHARS_PER_TOKEN
+        while keep < total:
+            cut_turns, left = [], keep
+            for turn in turns:
+                kept_text = turn.content[:max(left, 1)]
+                if len(kept_text) < len(turn.content) and controls.pattern \
+                        and controls.search(turn.content, max(0, len(kept_text) - 256)):
+                    cut_turns = None
+                    break
+                cut_turns.append(Turn(turn.role, kept_text))
+                left -= len(kept_text)
+            if cut_turns is None:
+                break
+            (encoded,) = encode_renderings(self.tokenizer, controls, [self.template.render(cut_turns)])
+            if isinstance(encoded, Encoded) and len(encoded.ids) > self.seq_length + CUT_MARGIN:
+                return encoded, True
+            keep *= 2
+        (encoded,) = encode_renderings(self.tokenizer, controls, [self.template.render(turns)])
+        return encoded, False
 
 
 @dataclass
@@ -187,6 +230,7 @@ class TokenizedTask:
     from_cache: bool
     as_text: int = 0  # records whose contents held control tokens, encoded as text
     digest: str = ""  # of the tokenized records: what resume compares
+    cut: int = 0  # records cut before tokenizing (each over seq_length: truncated or dropped like the others)
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -238,39 +282,32 @@ def _chunks(task: Task) -> Iterator[tuple[str, list[tuple[int, str | BadRecord]]
 
 
 def _single_threaded_worker() -> None:
-    """In a tokenization worker process: one tokenizer thread each (the processes are the parallelism); signals are
-    the parent's to handle (it ends the workers)."""
+    """In a tokenization worker process: one tokenizer thread each (the processes are the parallelism)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_encoder(task: Task, encoder: ChunkEncoder, workers: int) -> Iterator[EncodedChunk]:
     """Encode the task chunk by chunk, in order; in worker processes when the data is large enough."""
     total_bytes = sum(p.stat().st_size for p in task.files)
+    if workers > 1 and total_bytes >= PARALLEL_MIN_BYTES:
+        chunks = ordered_map(encoder, _chunks(task), workers, _single_threaded_worker)
+    else:
+        chunks = (encoder(job) for job in _chunks(task))
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenize {task.name}", leave=False,
-              disable=None) as progress:
-        if workers > 1 and total_bytes >= PARALLEL_MIN_BYTES:
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            with context.Pool(workers, initializer=_single_threaded_worker) as pool:
-                for chunk in pool.imap(encoder, _chunks(task)):
-                    progress.update(chunk.num_bytes)
-                    yield chunk
-        else:
-            for job in _chunks(task):
-                chunk = encoder(job)
-                progress.update(chunk.num_bytes)
-                yield chunk
+              disable=None) as progress, contextlib.closing(chunks):  # closing it ends the workers
+        for chunk in chunks:
+            progress.update(chunk.num_bytes)
+            yield chunk
 
 
-def build_cache(task: Task, tokenizer, template: Template, directory: Path, workers: int) -> None:
+def build_cache(task: Task, tokenizer, template: Template, directory: Path, workers: int,
+                seq_length: int | None = None) -> None:
     """Tokenize a task into `directory`, written under a temporary name and renamed when complete."""
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_cache(task, ChunkEncoder(tokenizer, template), tmp, workers)
+        _write_cache(task, ChunkEncoder(tokenizer, template, seq_length), tmp, workers, seq_length)
         os.rename(tmp, directory)
     except OSError:  # fine if another process finished the same cache first
         if not directory.is_dir():
@@ -279,10 +316,10 @@ def build_cache(task: Task, tokenizer, template: Template, directory: Path, work
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_cache(task: Task, encoder: ChunkEncoder, tmp: Path, workers: int) -> None:
+def _write_cache(task: Task, encoder: ChunkEncoder, tmp: Path, workers: int, seq_length: int | None) -> None:
     """The cache's files in `tmp`; the worker processes are ended whichever way this returns."""
     starts, file_index, lines, errors = [0], [], [], []
-    num_lines = as_text = 0
+    num_lines = as_text = cut = 0
     digest = hashlib.sha256()
     file_ids = {str(p): i for i, p in enumerate(task.files)}
     chunks = _run_encoder(task, encoder, workers)
@@ -293,6 +330,7 @@ def _write_cache(task: Task, encoder: ChunkEncoder, tmp: Path, workers: int) -> 
                 if out is not None:
                     out.write(array.tobytes())
             as_text += chunk.as_text
+            cut += chunk.cut
             starts.extend((starts[-1] + np.cumsum(chunk.lengths)).tolist())
             file_index.extend([file_ids[chunk.path]] * len(chunk.lengths))
             lines.extend(chunk.lines.tolist())
@@ -302,7 +340,8 @@ def _write_cache(task: Task, encoder: ChunkEncoder, tmp: Path, workers: int) -> 
              lines=np.array(lines, dtype=np.int32))
     meta = {"format": CACHE_FORMAT, "task": task.name, "files": [str(p) for p in task.files],
             "errors": errors, "num_lines": num_lines, "num_tokens": starts[-1], "as_text": as_text,
-            "digest": digest.hexdigest()[:32], "built_at": time.time()}
+            "digest": digest.hexdigest()[:32], "built_at": time.time(), "cut": cut,
+            "cut_for": seq_length if cut else None}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -312,24 +351,43 @@ def _memmap(path: Path, dtype: type) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def _reusable(directory: Path, task: Task, tokenizer, seq_length: int | None, rebuild_before: float | None) -> bool:
+    """Whether the cache folder can be read as it is; a damaged one is reported (then tokenized again)."""
+    if not (directory / "meta.json").exists():
+        return False
+    problem = cache_problem(directory, len(task.files), len(tokenizer), CACHE_FORMAT)
+    if problem:
+        print(f"note: the tokenized cache of task {task.name} ({directory}) is damaged: {problem}; tokenizing again",
+              file=sys.stderr)
+        return False
+    meta = read_meta(directory)
+    cut_for = meta.get("cut_for")  # records were cut for this seq_length: good for it and any shorter one
+    if cut_for is not None and (seq_length is None or seq_length > cut_for):
+        return False
+    return rebuild_before is None or meta["built_at"] >= rebuild_before
+
+
 def load_tokenized(task: Task, tokenizer, template: Template, cache_root: Path | None = None,
-                   workers: int | None = None, rebuild_before: float | None = None) -> TokenizedTask:
-    """The task's tokenized records, from the cache when it matches, else tokenized now and cached. A lock
-    makes concurrent callers (the ranks of a job) tokenize once: the others wait and read the cache.
-    `rebuild_before`: tokenize again when the cache was written before this time (overwrite_cache)."""
+                   workers: int | None = None, rebuild_before: float | None = None,
+                   seq_length: int | None = None) -> TokenizedTask:
+    """The task's tokenized records, from the cache when it matches (and checks out), else tokenized now and
+    cached. A lock makes concurrent callers (the ranks of a job) tokenize once: the others wait and read the
+    cache. `rebuild_before`: tokenize again when the cache was written before this time (overwrite_cache).
+    `seq_length`: records far longer than it may be cut before tokenizing (see ChunkEncoder._encode_long)."""
+    problem = task_name_problem(task.name)
+    if problem:  # the name becomes a folder name under the cache root
+        raise DataError(f"{task.path}: task name {task.name!r} {problem}")
     root = Path(cache_root) if cache_root else default_cache_root()
     directory = root / f"{task.name}-{cache_key(task, tokenizer, template)}"
     root.mkdir(parents=True, exist_ok=True)
     with open(directory.with_name(f"{directory.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        meta_file = directory / "meta.json"
-        from_cache = meta_file.exists() and (rebuild_before is None
-                                             or json.loads(meta_file.read_text())["built_at"] >= rebuild_before)
+        from_cache = _reusable(directory, task, tokenizer, seq_length, rebuild_before)
         if not from_cache:
             shutil.rmtree(directory, ignore_errors=True)
-            build_cache(task, tokenizer, template, directory, workers or os.cpu_count() or 1)
-    meta = json.loads(meta_file.read_text())
+            build_cache(task, tokenizer, template, directory, workers or os.cpu_count() or 1, seq_length)
+    meta = read_meta(directory)
     index = np.load(directory / "index.npz")
     return TokenizedTask(task, _memmap(directory / "ids.bin", np.int32), _memmap(directory / "mask.bin", np.uint8),
                          index["starts"], index["file_index"], index["lines"], meta["errors"], meta["num_lines"],
-                         from_cache, meta["as_text"], meta["digest"])
+                         from_cache, meta["as_text"], meta["digest"], meta.get("cut", 0))
