@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from mftcoder.config import Config, ConfigError, describe, load_config
+from mftcoder.config_text import brief
 from mftcoder.data.records import DataError
 from mftcoder.train.stop import Interrupted, raise_on_signals
 
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides that came after an option (e.g. `train cfg.yaml --nproc 2 seed=1`)
         if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.error(f"unrecognized arguments: {brief(' '.join(extra))[1:-1]}")
         args.overrides += extra
     try:
         with raise_on_signals():

@@ -7,7 +7,6 @@ import difflib
 import json
 import math
 import re
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,132 +15,7 @@ from typing import Any, Union
 
 import yaml
 
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2-style booleans: only true/false, so `evaluation_strategy: no` stays the string 'no'."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-
-
-MAX_YAML_VALUES = 100_000  # nodes a config may expand to (aliases counted each time they are used)
-MAX_YAML_DEPTH = 50  # lists and mappings nested in each other
-
-
-class YamlProblem(ValueError):
-    """A YAML text this project refuses before building it: `line` (1-based, or None) and the reason."""
-
-    def __init__(self, line: int | None, reason: str):
-        super().__init__(reason)
-        self.line, self.reason = line, reason
-
-    def at(self, where: str) -> str:
-        """The message with its location: 'file:line: reason' (or 'where: reason' without a line)."""
-        return f"{where}:{self.line}: {self.reason}" if self.line else f"{where}: {self.reason}"
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
-
-
-def _check_duplicates(node: yaml.MappingNode) -> None:
-    seen: dict[str, int] = {}
-    for key, _ in node.value:
-        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-            if key.value in seen:
-                raise YamlProblem(key.start_mark.line + 1, f"duplicate key {_brief(key.value)} (first at line "
-                                                           f"{seen[key.value]}); keep one of them")
-            seen[key.value] = key.start_mark.line + 1
-
-
-def _expanded_size(root: yaml.Node, sizes: dict[int, int], cap: int) -> int:
-    """Nodes `root` expands to (capped at cap + 1), each alias counted where it is used; iterative, shared
-    nodes sized once, so an alias bomb costs its written size. Refuses recursive aliases and duplicate keys."""
-    stack, open_nodes = [(root, False)], set()
-    while stack:
-        node, finished = stack.pop()
-        if id(node) in sizes:
-            continue
-        if finished:
-            open_nodes.discard(id(node))
-            sizes[id(node)] = min(cap + 1, 1 + sum(sizes[id(child)] for child in _children(node)))
-            continue
-        if id(node) in open_nodes:
-            raise YamlProblem(node.start_mark.line + 1, "a YAML alias refers to a value that contains it (recursive)")
-        if isinstance(node, yaml.MappingNode):
-            _check_duplicates(node)
-        open_nodes.add(id(node))
-        stack.append((node, True))
-        stack += [(child, False) for child in _children(node) if id(child) not in sizes]
-    return sizes[id(root)]
-
-
-def _check_yaml_nodes(root: yaml.Node) -> None:
-    """Refuse, before anything is built from it, a document with duplicate keys, recursive aliases or a value
-    that expands past MAX_YAML_VALUES nodes (an alias bomb)."""
-    sizes: dict[int, int] = {}
-    pairs = root.value if isinstance(root, yaml.MappingNode) else [(None, root)]
-    for key, value in pairs:
-        if _expanded_size(value, sizes, MAX_YAML_VALUES) > MAX_YAML_VALUES:
-            name = f"key {_brief(key.value)}" if isinstance(key, yaml.ScalarNode) else "the value"
-            line = (key or value).start_mark.line + 1
-            raise YamlProblem(line, f"{name} expands to more than {MAX_YAML_VALUES:,} values (nested YAML aliases?); "
-                                    "write the value out")
-    if isinstance(root, yaml.MappingNode):
-        _expanded_size(root, sizes, MAX_YAML_VALUES)
-
-
-def _yaml(text: str) -> Any:
-    """Parse YAML text (YamlProblem or yaml.YAMLError for what is refused), checking its nodes before building them."""
-    depth = 0
-    for event in yaml.parse(text, Loader=_Loader):  # the event parser is iterative; the node composer recurses
-        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-            depth += 1
-            if depth > MAX_YAML_DEPTH:
-                raise YamlProblem(event.start_mark.line + 1, f"nested more than {MAX_YAML_DEPTH} levels deep")
-        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-            depth -= 1
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_yaml_nodes(node)
-        return loader.construct_document(node)
-    except RecursionError:
-        raise YamlProblem(None, "nested too deeply") from None
-    except YamlProblem:
-        raise
-    except ValueError as exc:  # a value the constructor cannot make: a 5000-digit integer, the date 2001-13-45
-        raise YamlProblem(None, f"cannot read a value: {str(exc).split(';')[0]}") from None
-    finally:
-        loader.dispose()
-
-
-def _yaml_error(exc: yaml.YAMLError) -> YamlProblem:
-    """A PyYAML error as one line: its problem and where (PyYAML's own text spans several lines)."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return YamlProblem(mark.line + 1 if mark else None, f"not valid YAML: {problem}")
-
-
-def _brief(value: Any, limit: int = 60) -> str:
-    """A bounded repr of a value for an error message: long strings, lists, mappings and numbers are cut."""
-    shown = reprlib.Repr()
-    shown.maxstring = shown.maxother = shown.maxlong = limit
-    shown.maxlist = shown.maxtuple = shown.maxdict = shown.maxset = 6
-    shown.maxlevel = 3
-    try:
-        return shown.repr(value)
-    except ValueError:  # an integer too long to print (over 4300 digits)
-        return f"<a {value.bit_length()}-bit integer>" if isinstance(value, int) else f"<{type(value).__name__}>"
+from mftcoder.config_text import YamlProblem, brief, read_json, read_yaml, yaml_error
 
 
 class ConfigError(ValueError):
@@ -326,7 +200,7 @@ def _parse_list_string(key: str, text: str) -> list[str]:
     """'[a, b]', 'a,b' or '["a","b"]' -> ['a', 'b'] (the reference passes data_paths as a string)."""
     text = text.strip()
     if text.startswith("[") != text.endswith("]"):
-        raise ConfigError(f"{key}: malformed list {_brief(text)} (unbalanced brackets); write '[a,b]' or 'a,b'")
+        raise ConfigError(f"{key}: malformed list {brief(text)} (unbalanced brackets); write '[a,b]' or 'a,b'")
     if text.startswith("[") and text.endswith("]"):
         try:
             parsed = json.loads(text)
@@ -341,9 +215,9 @@ def _parse_list_string(key: str, text: str) -> list[str]:
 def _yaml_value(key: str, text: str) -> Any:
     """A value given as YAML text (a nested list from the command line), or ConfigError naming the key."""
     try:
-        return _yaml(text)
+        return read_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: {_yaml_error(exc).reason}") from None
+        raise ConfigError(f"{key}: {yaml_error(exc).reason}") from None
     except YamlProblem as exc:
         raise ConfigError(f"{key}: {exc.reason}") from None
 
@@ -375,10 +249,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.strip().lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{key}: expected true or false, got {_brief(value)}")
+        raise ConfigError(f"{key}: expected true or false, got {brief(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
+            raise ConfigError(f"{key}: expected an integer, got {brief(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -388,7 +262,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return int(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {_brief(value)}")
+        raise ConfigError(f"{key}: expected an integer, got {brief(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -397,17 +271,17 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {_brief(value)}")
+        raise ConfigError(f"{key}: expected a number, got {brief(value)}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {_brief(value)}")
+        raise ConfigError(f"{key}: expected a string, got {brief(value)}")
     if origin is list:
         (item_type,) = typing.get_args(tp)
         if isinstance(value, str):  # a flow list from the command line; nested plain data is read as YAML
             value = _yaml_value(key, value) if item_type is Any else _parse_list_string(key, value)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {_brief(value)}")
+            raise ConfigError(f"{key}: expected a list, got {brief(value)}")
         return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
     if origin is dict:
         _, value_type = typing.get_args(tp)
@@ -417,7 +291,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{key}: not a valid mapping: {exc}") from None
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {_brief(value)}")
+            raise ConfigError(f"{key}: expected a mapping, got {brief(value)}")
         return {str(k): _coerce(f"{key}.{k}", v, value_type) for k, v in value.items()}
     raise TypeError(f"unsupported field type {tp!r}")  # a bug in the schema, not user input
 
@@ -426,7 +300,7 @@ def _canonical_key(key: str) -> str:
     key = key.strip().lstrip("-").replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in fields():
-        raise ConfigError(f"unknown config key {_brief(key)}{_closest(key) if len(key) <= 100 else ''}")
+        raise ConfigError(f"unknown config key {brief(key)}{_closest(key) if len(key) <= 100 else ''}")
     return key
 
 
@@ -444,9 +318,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
                           "save the config as UTF-8") from None
     try:
-        data = _json(text) if path.suffix == ".json" else _yaml(text)
+        data = read_json(text) if path.suffix == ".json" else read_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(_yaml_error(exc).at(str(path))) from None
+        raise ConfigError(yaml_error(exc).at(str(path))) from None
     except YamlProblem as exc:
         raise ConfigError(exc.at(str(path))) from None
     if data is None:
@@ -456,41 +330,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _json(text: str) -> Any:
-    """Parse a JSON config (YamlProblem for what is refused: invalid JSON, duplicate keys, deep nesting)."""
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                spelled = re.escape(json.dumps(key)) + r"\s*:"
-                places = [m.start() for m in re.finditer(spelled, text)]
-                line = text.count("\n", 0, places[1]) + 1 if len(places) > 1 else None
-                raise YamlProblem(line, f"duplicate key {_brief(key)}; keep one of them")
-            seen.add(key)
-        return dict(pairs)
-
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as exc:
-        raise YamlProblem(exc.lineno, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
-    except RecursionError:
-        raise YamlProblem(None, "not valid JSON: nested too deeply") from None
-    except YamlProblem:
-        raise
-    except ValueError as exc:  # an integer of over 4300 digits
-        raise YamlProblem(None, f"not valid JSON: {str(exc).split(';')[0]}") from None
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """['lr=1e-4', 'data_paths=[a,b]'] -> mapping; values are read as YAML scalars/lists."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"override {_brief(item)} must look like key=value")
+            raise ConfigError(f"override {brief(item)} must look like key=value")
         key, raw = item.split("=", 1)
         try:
-            out[key] = _yaml(raw) if raw.strip() else ""
+            out[key] = read_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             out[key] = raw
         except YamlProblem as exc:
@@ -550,11 +398,11 @@ def split_fractions(text: str) -> tuple[float, float, float]:
     try:
         numbers = [float(p) for p in parts]
     except ValueError:
-        raise ConfigError(f"data_split: expected numbers like '95,5,0', got {_brief(text)}") from None
+        raise ConfigError(f"data_split: expected numbers like '95,5,0', got {brief(text)}") from None
     if not all(math.isfinite(n) for n in numbers) or not math.isfinite(sum(numbers)):
-        raise ConfigError(f"data_split: expected finite numbers like '95,5,0', got {_brief(text)}")
+        raise ConfigError(f"data_split: expected finite numbers like '95,5,0', got {brief(text)}")
     if not 1 <= len(numbers) <= 3 or any(n < 0 for n in numbers) or sum(numbers) <= 0:
-        raise ConfigError(f"data_split: expected up to three non-negative numbers with a positive sum, got {_brief(text)}")
+        raise ConfigError(f"data_split: expected up to three non-negative numbers with a positive sum, got {brief(text)}")
     numbers += [0.0] * (3 - len(numbers))
     total = sum(numbers)
     return (numbers[0] / total, numbers[1] / total, numbers[2] / total)
@@ -583,7 +431,7 @@ def check_range(name: str, value: Any, valid: Range | None) -> None:
     for key, item in items:
         if item not in valid:
             where = name if key is None else f"{name}[{key}]" if isinstance(key, int) else f"{name}.{key}"
-            raise ConfigError(f"{where}: {_brief(item)} is out of range; expected {valid}")
+            raise ConfigError(f"{where}: {brief(item)} is out of range; expected {valid}")
 
 
 def validate(config: Config, given: set[str]) -> list[str]:
@@ -594,7 +442,7 @@ def validate(config: Config, given: set[str]) -> list[str]:
         if choices and value not in choices:
             match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f"; did you mean '{match[0]}'?" if match else ""
-            raise ConfigError(f"{name}: {_brief(value)} is not one of {', '.join(map(str, choices))}{hint}")
+            raise ConfigError(f"{name}: {brief(value)} is not one of {', '.join(map(str, choices))}{hint}")
     if config.tp != 1:
         raise ConfigError(f"tp: tensor parallelism is not supported (as in the reference, only tp=1), got {config.tp}")
     for name, f in fields().items():
@@ -623,7 +471,7 @@ def validate(config: Config, given: set[str]) -> list[str]:
     for task_name in config.tasks:
         problem = task_name_problem(task_name)
         if problem:
-            raise ConfigError(f"tasks: task name {_brief(task_name)} {problem}")
+            raise ConfigError(f"tasks: task name {brief(task_name)} {problem}")
     if not config.load_raw_dataset:
         raise ConfigError("load_raw_dataset: only raw JSONL input is supported; set it to true (or leave it out)")
     if config.fp16:
@@ -631,7 +479,7 @@ def validate(config: Config, given: set[str]) -> list[str]:
     metric = config.metric_for_best_model
     if metric != "loss" and not metric.startswith(("loss/", "pass@1")):
         raise ConfigError(f"metric_for_best_model: expected 'loss', 'loss/<task>', 'pass@1' or 'pass@1/<benchmark>', "
-                          f"got {_brief(metric)}")
+                          f"got {brief(metric)}")
     if metric.startswith("pass@1") and not config.generation_eval:
         raise ConfigError(f"metric_for_best_model: {metric} is measured by generation_eval; name its benchmarks, "
                           "e.g. generation_eval: [humaneval]")
@@ -692,7 +540,7 @@ def forward_token_limit(config: Config, device_type: str) -> int:
 def check_metric_name(config: Config, metrics: list[str]) -> None:
     """metric_for_best_model names a metric this run's evaluators measure (checked before the first step)."""
     if config.metric_for_best_model not in metrics:
-        raise ConfigError(f"metric_for_best_model: {_brief(config.metric_for_best_model)} is not a metric of this run; "
+        raise ConfigError(f"metric_for_best_model: {brief(config.metric_for_best_model)} is not a metric of this run; "
                           f"choose from {', '.join(metrics)}")
 
 
