@@ -83,7 +83,9 @@ def test_two_ranks_of_four_equal_one_rank_of_eight(small_tasks, tmp_path, strate
     assert saved["per_device_train_batch_size"] == 4
 
 
-@pytest.mark.parametrize("lora", [False, True])
+# Full fine-tuning's case is opt-in (-m slow) for the suite's time: its distributed resume is also covered by ATorch's
+# zero1/ddp resume test, and its sharded state by the LoRA case.
+@pytest.mark.parametrize("lora", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_resume_under_fsdp_matches_the_uninterrupted_run(small_tasks, tmp_path, lora):
     extra = {"peft_type": "lora", "learning_rate": 2e-2, "lora_dropout": 0.1} if lora else {}
     values = dict(distributed_strategy="fsdp", per_device_train_batch_size=2, max_steps=4, checkpointing_steps=2,
