@@ -168,6 +168,7 @@ def test_resume_with_another_number_of_processes_is_refused(small_tasks, tmp_pat
             "has 2") in done.stderr
 
 
+@pytest.mark.slow  # opt-in for the suite's time (one process: tests/test_train.py's activation checkpointing test)
 def test_activation_checkpointing_under_fsdp_trains_exactly_as_without(small_tasks, tmp_path):
     """LoRA with dropout under FSDP2: recomputing the activations (same dropout masks) changes no loss or weight."""
     values = dict(distributed_strategy="fsdp", per_device_train_batch_size=2, max_steps=2, checkpointing_steps=2,
