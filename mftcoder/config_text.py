@@ -134,9 +134,10 @@ def brief(value: Any, limit: int = 60) -> str:
     shown.maxlist = shown.maxtuple = shown.maxdict = shown.maxset = 6
     shown.maxlevel = 3
     try:
-        return shown.repr(value)
+        text = shown.repr(value)
     except ValueError:  # an integer too long to print (over 4300 digits)
         return f"<a {value.bit_length()}-bit integer>" if isinstance(value, int) else f"<{type(value).__name__}>"
+    return text if len(text) <= 4 * limit else text[:4 * limit] + "..."  # nested lists: 6 x 6 x 6 items otherwise
 
 
 def read_json(text: str) -> Any:

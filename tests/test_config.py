@@ -297,3 +297,12 @@ def test_seq_length_above_the_models_positions_is_warned(tmp_path, capsys):
         "seq_length to 512 or extend the model's context (e.g. rope_scaling)\n")
     assert main(["config", "show", "/dev/null", f"model_config={tmp_path / 'config.json'}", "seq_length=512"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_nested_value_in_an_error_is_shown_bounded(tmp_path):
+    nested = [[[list(range(9))] * 9] * 9] * 9
+    with pytest.raises(ConfigError) as caught:
+        build_config({"model_type": nested})
+    message = str(caught.value)
+    assert message.startswith("model_type: expected a string, got [[[[...], [...], [...], [...], [...], [...], ...], ")
+    assert message.endswith("...") and len(message) == len("model_type: expected a string, got ") + 4 * 60 + 3
