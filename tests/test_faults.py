@@ -375,3 +375,24 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return "\nState:\tZ" not in status
+
+
+def test_a_forked_worker_leaves_sigint_to_its_parent_and_dies_of_sigterm():
+    # DataLoader workers are forked inside the training loop and inherit its handlers: Ctrl-C (sent to the whole
+    # process group) must not stop them mid-step, and their parent's SIGTERM (how it ends a worker) must end them.
+    from mftcoder.train.stop import StopAtStepEnd, raise_on_signals
+
+    for handlers in (raise_on_signals(), StopAtStepEnd(say=lambda text: None)):
+        with handlers:
+            child = os.fork()
+            if child == 0:
+                try:
+                    time.sleep(10)
+                finally:
+                    os._exit(0)  # never back into pytest, whatever happened
+            os.kill(child, signal.SIGINT)
+            time.sleep(0.3)
+            assert os.waitpid(child, os.WNOHANG) == (0, 0)  # still running
+            os.kill(child, signal.SIGTERM)
+            _, status = os.waitpid(child, 0)
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM

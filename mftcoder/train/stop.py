@@ -8,6 +8,7 @@ a checkpoint is saved and the run ends; a second signal stops at once (the last 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -27,8 +28,23 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
-def _raise_interrupted(signum: int, frame) -> None:
-    raise Interrupted(signum)
+def in_forked_child(owner: int, signum: int) -> bool:
+    """True in a process forked from `owner` that inherited its handler (a DataLoader worker): there SIGINT is left to
+    the parent (it stops the run) and SIGTERM ends the process as by default (how its parent ends a worker)."""
+    if os.getpid() == owner:
+        return False
+    if signum == signal.SIGTERM:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    return True
+
+
+def _raise_interrupted(owner: int):
+    def handler(signum: int, frame) -> None:
+        if not in_forked_child(owner, signum):
+            raise Interrupted(signum)
+
+    return handler
 
 
 @contextlib.contextmanager
@@ -36,7 +52,8 @@ def raise_on_signals():
     """While inside: SIGTERM, like SIGINT, raises in the main thread, so `finally` blocks and `with` exits run."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
+        handler = _raise_interrupted(os.getpid())
+        previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -53,6 +70,7 @@ class StopAtStepEnd:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopAtStepEnd":
+        self._owner = os.getpid()
         if threading.current_thread() is threading.main_thread():
             self._previous = {signum: signal.signal(signum, self._record) for signum in STOP_SIGNALS}
         return self
@@ -62,6 +80,8 @@ class StopAtStepEnd:
             signal.signal(signum, handler)
 
     def _record(self, signum: int, frame) -> None:
+        if in_forked_child(self._owner, signum):
+            return
         if self.signum is not None:
             raise Interrupted(signum)
         self.signum = signum
