@@ -80,6 +80,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (TrainingError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(exc):
+            raise
+        print(f"error: out of memory ({str(exc).splitlines()[0][:200]}); a step needs less with a smaller "
+              "per_device_train_batch_size or seq_length (padding_mode: padding pads every sample to seq_length), "
+              "max_forward_tokens, or checkpoint_activations: true", file=sys.stderr)
+        return 1
     if _is_main_process():
         print(f"final checkpoint: {result.final_checkpoint}")
     if result.stopped_by:
@@ -89,6 +96,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return 128 + result.stopped_by
     return 0
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: torch's on a GPU or on the CPU, or Python's own."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def _sampling(args: argparse.Namespace):

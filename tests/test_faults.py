@@ -396,3 +396,24 @@ def test_a_forked_worker_leaves_sigint_to_its_parent_and_dies_of_sigterm():
             os.kill(child, signal.SIGTERM)
             _, status = os.waitpid(child, 0)
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+def test_running_out_of_memory_is_a_sentence_with_what_to_change(small_tasks, tmp_path, monkeypatch, capsys):
+    import mftcoder.train.loop as loop
+
+    def a_step_too_large(config):
+        return torch.empty(2**62, dtype=torch.uint8)  # the allocator's own refusal, as a huge padded batch gets
+
+    monkeypatch.setattr(loop, "train", a_step_too_large)
+    assert main(cli_args(small_tasks, tmp_path)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: out of memory (") and "can't allocate memory" in err and "\n" not in err
+    assert err.endswith("a step needs less with a smaller per_device_train_batch_size or seq_length (padding_mode: "
+                        "padding pads every sample to seq_length), max_forward_tokens, or checkpoint_activations: true")
+
+    def a_bug(config):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(loop, "train", a_bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is not dressed up as memory
+        main(cli_args(small_tasks, tmp_path))
