@@ -266,7 +266,7 @@ def test_a_new_run_into_a_folder_with_another_runs_checkpoints_is_refused_or_rep
     old = train(make_config(small_tasks, tmp_path, max_steps=4, checkpointing_steps=4))
     old_weights = weights_of(old.final_checkpoint)
     again = dict(max_steps=3, checkpointing_steps=1, save_total_limit=1, learning_rate=1e-2, evaluation_strategy="no")
-    with pytest.raises(ConfigError, match=r"output_dir: .* holds checkpoint-4, which belong to an earlier run; .*"
+    with pytest.raises(ConfigError, match=r"output_dir: .* holds checkpoint-4, which belong to another run; .*"
                                           r"resume_from_checkpoint: auto.*overwrite_output_dir: true"):
         train(make_config(small_tasks, tmp_path, **again))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4"]

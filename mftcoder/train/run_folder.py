@@ -72,9 +72,13 @@ def earlier_runs_files(output_dir: Path, resume_from: Path | None) -> list[Path]
     base, output_dir/base-model, with its own.)"""
     if not output_dir.is_dir():
         return []
-    continuing = resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
+    continuing = _resumes_inside(output_dir, resume_from)
     after = checkpoint_step(resume_from) if continuing else -1
     return [p for p in sorted(output_dir.iterdir()) if p.is_dir() and is_complete(p) and checkpoint_step(p) > after]
+
+
+def _resumes_inside(output_dir: Path, resume_from: Path | None) -> bool:
+    return resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
 
 
 def clear_earlier_runs(output_dir: Path, resume_from: Path | None, overwrite: bool, say) -> None:
@@ -84,8 +88,8 @@ def clear_earlier_runs(output_dir: Path, resume_from: Path | None, overwrite: bo
         return
     names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
     if not overwrite:
-        why = (f"are newer than {resume_from.name}, the checkpoint this run resumes from" if resume_from is not None
-               else "belong to an earlier run")
+        why = (f"are newer than {resume_from.name}, the checkpoint this run resumes from"
+               if _resumes_inside(output_dir, resume_from) else "belong to another run")
         raise ConfigError(f"output_dir: {output_dir} holds {names}, which {why}; this run's checkpoints would be mixed "
                           "with them. Continue that run with resume_from_checkpoint: auto, choose another output_dir, "
                           "or set overwrite_output_dir: true to remove them")
