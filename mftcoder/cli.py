@@ -67,10 +67,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             return launcher.wait()
         except Interrupted as exc:  # Ctrl-C reached the whole process group; a SIGTERM sent to this process only
-            if exc.signum == signal.SIGTERM:  # is passed on, so the ranks stop after their step and save
-                launcher.send_signal(signal.SIGTERM)
+            if exc.signum == signal.SIGTERM:  # is passed on: torchrun hands it to the ranks, which stop after their
+                launcher.send_signal(signal.SIGTERM)  # step and save (torchrun itself then ends with a traceback)
             with raise_on_signals():
-                return launcher.wait()
+                launcher.wait()
+            print(f"stopped by {signal.Signals(exc.signum).name}: the ranks saved their last step where they could "
+                  "(see above); continue with resume_from_checkpoint: auto", file=sys.stderr)
+            return exc.exit_status
     from mftcoder.train.checkpoint import CheckpointError
     from mftcoder.train.loop import TrainingError, train
 

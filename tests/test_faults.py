@@ -25,6 +25,7 @@ from mftcoder.train.distributed import DistEnv
 from mftcoder.train.loop import Trainer, train
 from mftcoder.train.manifest import MANIFEST, write_manifest
 from mftcoder.train.run_folder import RunFolder
+from mftcoder.train.stop import REPEAT_AFTER
 
 
 def cli_args(small_tasks, output_dir, **overrides) -> list[str]:
@@ -303,14 +304,17 @@ def test_resume_names_changed_settings_and_refuses_another_model(small_tasks, tm
                     "learning_rate 0.002 -> 0.01; max_steps 2 -> 3")
 
 
-def signal_during_step(monkeypatch, step: int, times: int = 1) -> None:
-    """SIGTERM this process `times` times while optimizer step `step` runs (as a cluster's preemption would)."""
+def signal_during_step(monkeypatch, step: int, pauses: tuple[float, ...] = ()) -> None:
+    """SIGTERM this process while optimizer step `step` runs (as a cluster's preemption would), and again after
+    each of `pauses` seconds."""
     original = Trainer.train_step
 
     def train_step(self, batches):
         loss = original(self, batches)
         if self.state.step + 1 == step:
-            for _ in range(times):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for pause in pauses:
+                time.sleep(pause)
                 os.kill(os.getpid(), signal.SIGTERM)
         return loss
 
@@ -320,7 +324,7 @@ def signal_during_step(monkeypatch, step: int, times: int = 1) -> None:
 def test_sigterm_finishes_the_step_saves_it_and_the_resumed_run_is_exact(two_checkpoints, small_tasks, tmp_path,
                                                                           monkeypatch, capsys):
     _, full = two_checkpoints  # the uninterrupted 4-step run
-    signal_during_step(monkeypatch, 3)
+    signal_during_step(monkeypatch, 3, pauses=(0.01,))  # one stop delivered twice (Ctrl-C under torchrun): one stop
     out = tmp_path / "stopped"
     assert main(cli_args(small_tasks, out, max_steps=4)) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
@@ -332,8 +336,8 @@ def test_sigterm_finishes_the_step_saves_it_and_the_resumed_run_is_exact(two_che
     assert resumed.step_losses == full.step_losses[3:]
     final, expected = weights_of(out / "checkpoint-4"), weights_of(full.final_checkpoint)
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
-    # A second signal stops at once: the step's checkpoint is not written, the earlier one stays.
-    signal_during_step(monkeypatch, 3, times=2)
+    # A second signal (a second or more later) stops at once: the step's checkpoint is not written, the earlier stays.
+    signal_during_step(monkeypatch, 3, pauses=(REPEAT_AFTER + 0.1,))
     again = tmp_path / "twice"
     assert main(cli_args(small_tasks, again, max_steps=4)) == 128 + signal.SIGTERM
     assert capsys.readouterr().err.rstrip().endswith("interrupted (SIGTERM)")

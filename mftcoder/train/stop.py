@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -61,11 +62,16 @@ def raise_on_signals():
             signal.signal(signum, handler)
 
 
+REPEAT_AFTER = 1.0  # seconds: a signal this soon after the first is the same stop (Ctrl-C under torchrun arrives twice)
+
+
 class StopAtStepEnd:
-    """While the loop runs: the first signal is recorded (the step finishes), a second one raises `Interrupted`."""
+    """While the loop runs: the first signal is recorded (the step finishes), a second one at least REPEAT_AFTER
+    seconds later raises `Interrupted`."""
 
     def __init__(self, say=None):
         self.signum: int | None = None
+        self._first = 0.0
         self._say = say or (lambda text: print(text, file=sys.stderr))
         self._previous: dict[int, object] = {}
 
@@ -83,8 +89,10 @@ class StopAtStepEnd:
         if in_forked_child(self._owner, signum):
             return
         if self.signum is not None:
+            if time.monotonic() - self._first < REPEAT_AFTER:  # the terminal's and torchrun's copy of one Ctrl-C
+                return
             raise Interrupted(signum)
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         self._say(f"{signal.Signals(signum).name}: stopping after this optimizer step and saving a checkpoint "
                   "(send it again to stop at once)")
 
