@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from mftcoder.model import load_tokenizer
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, shutdown
 from mftcoder.train.evaluators import make_evaluators
-from mftcoder.train.metrics import MetricsLogger
+from mftcoder.train.metrics import MetricsLogger, note
 from mftcoder.train.plots import write_curves
 from mftcoder.train.run_folder import RunFolder, clear_earlier_runs
 from mftcoder.train.stop import StopAtStepEnd
@@ -112,12 +111,11 @@ class Trainer:
         if env.is_main:
             ckpt.remove_incomplete(self.output_dir)  # a save that crashed: its leftovers go, a set-aside one returns
         env.barrier()
-        say = _to_stderr
-        self.resume_from = ckpt.resume_checkpoint(config.resume_from_checkpoint, self.output_dir, env, say)
+        self.resume_from = ckpt.resume_checkpoint(config.resume_from_checkpoint, self.output_dir, env, note)
         if self.resume_from is not None:
-            ckpt.check_resume(self.resume_from, to_dict(config), self.layout, say if env.is_main else None)
+            ckpt.check_resume(self.resume_from, to_dict(config), self.layout, note if env.is_main else None)
         if env.is_main:
-            clear_earlier_runs(self.output_dir, self.resume_from, config.overwrite_output_dir, say)
+            clear_earlier_runs(self.output_dir, self.resume_from, config.overwrite_output_dir, note)
         env.barrier()
         setup = set_up_model(config, env, self.tokenizer, self.template, self.data.per_task, self.resume_from,
                              self.output_dir)
@@ -192,7 +190,7 @@ class Trainer:
             self._observe(np.full(self.num_tasks, np.nan))  # the balancer's starting point
         with tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not self.env.is_main,
                   dynamic_ncols=True) as progress, \
-                StopAtStepEnd(_to_stderr if self.env.is_main else _ignore) as self.stop:  # SIGTERM/SIGINT
+                StopAtStepEnd(note if self.env.is_main else None) as self.stop:  # SIGTERM/SIGINT
             early_stop = False
             while not early_stop and state.epoch < config.num_train_epochs and state.step < self.total_steps:
                 steps = self._epoch_steps(state.epoch)
@@ -387,14 +385,6 @@ class Trainer:
 
 def _identity(x):
     return x
-
-
-def _ignore(text: str) -> None:
-    pass
-
-
-def _to_stderr(text: str) -> None:
-    tqdm.write(text, file=sys.stderr)
 
 
 def train(config: Config) -> RunResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -16,6 +17,11 @@ def _set_aside(path: Path) -> None:
         while path.with_name(f"metrics.{k}.jsonl").exists():
             k += 1
         path.rename(path.with_name(f"metrics.{k}.jsonl"))
+
+
+def note(text: str) -> None:
+    """A line on stderr that leaves the progress bar intact."""
+    tqdm.write(text, file=sys.stderr)
 
 
 def format_line(split: str, step: int, metrics: dict[str, float]) -> str:

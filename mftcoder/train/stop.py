@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -72,7 +71,7 @@ class StopAtStepEnd:
     def __init__(self, say=None):
         self.signum: int | None = None
         self._first = 0.0
-        self._say = say or (lambda text: print(text, file=sys.stderr))
+        self._say = say  # None: silent (the processes other than the main one)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopAtStepEnd":
@@ -93,8 +92,9 @@ class StopAtStepEnd:
                 return
             raise Interrupted(signum)
         self.signum, self._first = signum, time.monotonic()
-        self._say(f"{signal.Signals(signum).name}: stopping after this optimizer step and saving a checkpoint "
-                  "(send it again to stop at once)")
+        if self._say:
+            self._say(f"{signal.Signals(signum).name}: stopping after this optimizer step and saving a checkpoint "
+                      "(send it again to stop at once)")
 
     def agreed(self, all_reduce_max) -> int:
         """The signal any rank received (0: none): every rank stops after the same step."""
