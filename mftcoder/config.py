@@ -142,6 +142,10 @@ class Config:
     num_workers: int = opt(0, "DataLoader worker processes.", valid=NON_NEGATIVE)
     seed: int = opt(42, "Seed for splits, sampling order, initialisation and dropout.", valid=Range(0, 2**63 - 1))
     train_mode: str = opt("sft", "Reference placeholder: only 'sft'.", ("sft",))
+    objective: str = opt("sft", "What the run learns: 'sft' (chat records, loss on the bot turns), 'dpo' or 'orpo' (preference pairs: chosen and rejected answers to one prompt), 'pretrain' (raw text: every token). Alias: xxpo (dpo or orpo).", ("sft", "dpo", "orpo", "pretrain"))
+    beta: float = opt(0.1, "dpo: the implicit reward's scale (larger: stays closer to the reference model); orpo: the weight of the odds-ratio term.", valid=Range(0, low_open=True))
+    dpo_loss: str = opt("sigmoid", "dpo: 'sigmoid' (the DPO paper), 'ipo' (squared distance of the margin from 1/(2 beta)) or 'hinge' (max(0, 1 - beta x margin)).", ("sigmoid", "ipo", "hinge"))
+    rpo_alpha: float | None = opt(None, "dpo: add the chosen answer's token-mean NLL with this weight (RPO); null: off.", valid=NON_NEGATIVE)
     train_iters: int | None = opt(None, "Reference placeholder: accepted and ignored (it never set the number of steps there either).", valid=Range())
 
     # --- evaluation, checkpoints, logs ----------------------------------------------------------
@@ -176,6 +180,7 @@ ALIASES = {
     "vocab_file": "tokenizer_path",
     "gradient_checkpointing": "checkpoint_activations",
     "max_train_steps": "max_steps",
+    "xxpo": "objective",
 }
 _NULL_STRINGS = {"", "none", "null", "false"}
 PLACEHOLDER_NOTICES = {

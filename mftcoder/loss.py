@@ -11,7 +11,7 @@ So each micro-batch contributes its share and accumulation over micro-batches or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +52,18 @@ class StepCounts:
 
 def token_coefficients(batch: Batch, mode: str, counts: StepCounts, task_weights: torch.Tensor) -> torch.Tensor:
     """c_i for each supervised token of the batch (in loss_mask order), from step-level counts."""
-    task = batch.token_task[batch.loss_mask]
+    inverse, per_sample, _ = sample_groups(batch)
+    return unit_coefficients(batch.token_task[batch.loss_mask], per_sample[inverse], mode, counts, task_weights)
+
+
+def unit_coefficients(task: torch.Tensor, sample_size: torch.Tensor, mode: str, counts: StepCounts,
+                      task_weights: torch.Tensor) -> torch.Tensor:
+    """The coefficient of each loss unit (a supervised token; for a preference objective a pair, its own sample of
+    size 1) from its task, the size of its sample and the step's counts of units and samples per task."""
     device = task.device
     tokens, samples = counts.tokens.to(device), counts.samples.to(device)
     weights = task_weights.to(device=device, dtype=torch.float64)
-    inverse, per_sample, _ = sample_groups(batch)
-    sample_tokens = per_sample[inverse].double()
+    sample_tokens = sample_size.to(device).double()
     if mode == "case1":
         return torch.ones_like(sample_tokens) / tokens.sum()
     if mode == "case2":
@@ -73,43 +79,73 @@ def token_coefficients(batch: Batch, mode: str, counts: StepCounts, task_weights
 
 
 @dataclass
+class PassStats:
+    """What one forward pass measured, per sample (an SFT sequence, a preference pair): its task, its summed loss,
+    its size in loss units (supervised tokens; 1 for a pair), and the objective's extra metrics (summed per task,
+    reported as means over samples)."""
+
+    task: torch.Tensor  # [S] long
+    loss_sum: torch.Tensor  # [S] float64
+    size: torch.Tensor  # [S] float64
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S] float64
+
+    @staticmethod
+    def of_tokens(batch: Batch, token_losses: torch.Tensor) -> "PassStats":
+        """Per-sequence sums of token losses (in loss_mask order)."""
+        inverse, per_sample, sample_task = (t.cpu() for t in sample_groups(batch))
+        losses = token_losses.detach().double().cpu()
+        sample_loss = torch.zeros(len(per_sample), dtype=torch.float64).index_add_(0, inverse, losses)
+        return PassStats(sample_task, sample_loss, per_sample.double())
+
+
+@dataclass
 class TaskTotals:
-    """Running sums per task: token losses, tokens, per-sample mean losses, samples (for metrics and eval)."""
+    """Running sums per task: losses, loss units (tokens), per-sample mean losses, samples, and the objective's extra
+    metrics (for logs and evaluation)."""
 
     loss_sum: torch.Tensor
     tokens: torch.Tensor
     sample_mean_sum: torch.Tensor
     samples: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
-    def zeros(num_tasks: int) -> "TaskTotals":
-        return TaskTotals(*(torch.zeros(num_tasks, dtype=torch.float64) for _ in range(4)))
+    def zeros(num_tasks: int, extras: tuple[str, ...] = ()) -> "TaskTotals":
+        parts = [torch.zeros(num_tasks, dtype=torch.float64) for _ in range(4 + len(extras))]
+        return TaskTotals(*parts[:4], dict(zip(extras, parts[4:])))
 
     def add(self, batch: Batch, token_losses: torch.Tensor) -> None:
         """Accumulate detached token losses (in loss_mask order) of one batch."""
+        self.add_stats(PassStats.of_tokens(batch, token_losses))
+
+    def add_stats(self, stats: PassStats) -> None:
         num_tasks = len(self.tokens)
-        task = batch.token_task[batch.loss_mask].cpu()
-        losses = token_losses.detach().double().cpu()
-        inverse, per_sample, sample_task = (t.cpu() for t in sample_groups(batch))
-        self.loss_sum += torch.bincount(task, weights=losses, minlength=num_tasks)
-        self.tokens += torch.bincount(task, minlength=num_tasks).double()
-        sample_loss = torch.zeros(len(per_sample), dtype=torch.float64).index_add_(0, inverse, losses)
-        self.sample_mean_sum += torch.bincount(sample_task, weights=sample_loss / per_sample, minlength=num_tasks)
-        self.samples += torch.bincount(sample_task, minlength=num_tasks).double()
+        task, loss = stats.task.cpu(), stats.loss_sum.detach().double().cpu()
+        size = stats.size.double().cpu()
+        self.loss_sum += torch.bincount(task, weights=loss, minlength=num_tasks)
+        self.tokens += torch.bincount(task, weights=size, minlength=num_tasks)
+        self.sample_mean_sum += torch.bincount(task, weights=loss / size, minlength=num_tasks)
+        self.samples += torch.bincount(task, minlength=num_tasks).double()
+        for name, values in stats.extras.items():
+            self.extras[name] += torch.bincount(task, weights=values.detach().double().cpu(), minlength=num_tasks)
 
     def merge(self, other: "TaskTotals") -> None:
         for mine, theirs in zip(self.as_tensor_parts(), other.as_tensor_parts()):
             mine.add_(theirs)
 
     def as_tensor_parts(self) -> tuple[torch.Tensor, ...]:
-        return (self.loss_sum, self.tokens, self.sample_mean_sum, self.samples)
+        return (self.loss_sum, self.tokens, self.sample_mean_sum, self.samples, *self.extras.values())
 
     def as_tensor(self) -> torch.Tensor:
         return torch.stack(self.as_tensor_parts())
 
-    @staticmethod
-    def from_tensor(t: torch.Tensor) -> "TaskTotals":
-        return TaskTotals(*t.clone())
+    def zeros_like(self) -> "TaskTotals":
+        return TaskTotals.zeros(len(self.tokens), tuple(self.extras))
+
+    def from_tensor(self, t: torch.Tensor) -> "TaskTotals":
+        """Totals of the same shape as these (the same extras) from a tensor as_tensor() made, e.g. summed over ranks."""
+        parts = t.clone()
+        return TaskTotals(*parts[:4], dict(zip(self.extras, parts[4:])))
 
     def per_task_loss(self) -> torch.Tensor:
         """Token-mean loss per task (NaN where a task had no token)."""
@@ -127,6 +163,16 @@ class TaskTotals:
             return float(self.sample_mean_sum.sum() / self.samples.sum())
         per_task = (self.loss_sum / self.tokens) if mode == "case3" else (self.sample_mean_sum / self.samples)
         return float((w[present] * per_task[present]).sum() / w[present].sum())
+
+    def extra_metrics(self, task_names: list[str]) -> dict[str, float]:
+        """Each extra metric's mean over samples, overall and per task (`name/task`; tasks without samples left out)."""
+        metrics = {}
+        for name, sums in self.extras.items():
+            if self.samples.sum() > 0:
+                metrics[name] = float(sums.sum() / self.samples.sum())
+            metrics.update({f"{name}/{task}": float(sums[i] / self.samples[i])
+                            for i, task in enumerate(task_names) if self.samples[i] > 0})
+        return metrics
 
 
 class SupervisedLM(nn.Module):
@@ -151,10 +197,12 @@ class SupervisedLM(nn.Module):
     def head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
-    def forward(self, batch: Batch, coefficients: torch.Tensor | None = None,
-                aux_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch, coefficients: torch.Tensor | None = None, aux_scale: float = 1.0,
+                keep_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of coefficient * token loss [+ aux_scale * the model's weighted auxiliary loss], to backpropagate)
-        and the per-token cross-entropy (float32, detached) at the supervised positions, in loss_mask order."""
+        and the per-token cross-entropy (float32) at the supervised positions, in loss_mask order: detached, or with
+        `keep_graph` part of the graph (for a loss that is not linear in them, such as DPO's; the output layer's
+        logits are then recomputed chunk by chunk in backward instead of fused)."""
         if batch.position_ids is not None and self.flat_packing:
             batch = batch.flattened()
         layout = model_layout(batch, boundaries=self.flat_packing)
@@ -162,10 +210,11 @@ class SupervisedLM(nn.Module):
         if coefficients is None:
             coefficients = torch.zeros(len(targets), device=targets.device)
         if not self.fused_head:
-            return self._model_logits_loss(batch, layout, targets, coefficients, aux_scale)
+            total, losses = self._model_logits_loss(batch, layout, targets, coefficients, aux_scale)
+            return total, losses if keep_graph else losses.detach()
         hidden = self.body()(input_ids=batch.input_ids, use_cache=False, **layout).last_hidden_state
         selected, head = hidden[batch.loss_mask], self.head()
-        if type(head) is nn.Linear:  # the usual output layer: fused, no logits kept for backward
+        if type(head) is nn.Linear and not keep_graph:  # the usual output layer: fused, no logits kept for backward
             return fused_linear_cross_entropy(selected, head.weight, head.bias, targets, coefficients.float(),
                                               self.chunk_tokens)
         pieces = []  # e.g. an adapter on the output layer: recompute each chunk's logits in backward
@@ -174,7 +223,7 @@ class SupervisedLM(nn.Module):
             pieces.append(checkpoint(_head_loss, head, h, t, use_reentrant=False) if torch.is_grad_enabled()
                           else _head_loss(head, h, t))
         losses = torch.cat(pieces)
-        return (losses * coefficients.to(losses.dtype)).sum(), losses.detach()
+        return (losses * coefficients.to(losses.dtype)).sum(), losses if keep_graph else losses.detach()
 
     def _model_logits_loss(self, batch: Batch, layout: dict, targets: torch.Tensor, coefficients: torch.Tensor,
                            aux_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +237,7 @@ class SupervisedLM(nn.Module):
         aux = getattr(out, "aux_loss", None)
         if aux is not None:
             total = total + aux_scale * self.model.config.router_aux_loss_coef * aux
-        return total, losses.detach()
+        return total, losses
 
 
 def model_layout(batch: Batch, boundaries: bool = False) -> dict:

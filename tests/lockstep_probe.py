@@ -38,11 +38,12 @@ def micro_batch(rank: int):
 def step_gradients(runner, model, batches, parallel) -> dict[str, torch.Tensor]:
     """accumulate_gradients as the trainer runs it (case1, step-level counts over all ranks); the full gradients."""
     from mftcoder.loss import StepCounts, TaskTotals
+    from mftcoder.objectives.sft import SupervisedFineTuning
     from mftcoder.train.loop import accumulate_gradients
 
     counts = StepCounts.of(batches, 2)
     counts = StepCounts(*parallel.env.all_reduce_sum(torch.stack([counts.tokens, counts.samples])))
-    accumulate_gradients(runner, batches, counts, "case1", torch.ones(2), parallel, TaskTotals.zeros(2),
+    accumulate_gradients(runner, batches, SupervisedFineTuning(), counts, "case1", torch.ones(2), parallel, TaskTotals.zeros(2),
                          contextlib.nullcontext(), MAX_FORWARD_TOKENS)
     grads = {}
     for name, param in model.named_parameters():

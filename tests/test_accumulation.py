@@ -14,6 +14,7 @@ from mftcoder.data.tokenize import encode_conversations
 from mftcoder.loss import LOSS_MODES, StepCounts, SupervisedLM, TaskTotals
 from mftcoder.model import DEMO_DATA, load_base_model
 from mftcoder.train.distributed import DistEnv, Parallelism
+from mftcoder.objectives.sft import SupervisedFineTuning
 from mftcoder.train.loop import accumulate_gradients
 
 
@@ -34,7 +35,7 @@ def step_gradients(model, batches, mode, weights, max_forward_tokens=0):
     model.zero_grad(set_to_none=True)
     counts = StepCounts.of(batches, 3)
     totals = TaskTotals.zeros(3)
-    loss = accumulate_gradients(SupervisedLM(model), batches, counts, mode, weights, Parallelism(DistEnv()),
+    loss = accumulate_gradients(SupervisedLM(model), batches, SupervisedFineTuning(), counts, mode, weights, Parallelism(DistEnv()),
                                 totals, contextlib.nullcontext(), max_forward_tokens)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}, totals
 

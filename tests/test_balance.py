@@ -16,6 +16,7 @@ from test_train import make_config, weights_of
 from mftcoder import balance
 from mftcoder.balance import CoBa, DynamicWeightAverage, Observation, window_slope
 from mftcoder.config import ConfigError, build_config
+from mftcoder.objectives import sft
 from mftcoder.train import loop
 from mftcoder.train.loop import Trainer, train
 
@@ -117,13 +118,13 @@ COBA = dict(weighted_loss_mode="coba", coba_warmup_steps=1, coba_history_length=
 
 def test_weights_are_fixed_within_an_optimizer_step(small_tasks, tmp_path, monkeypatch):
     seen = []
-    original = loop.token_coefficients
+    original = sft.token_coefficients
 
     def recording(batch, mode, counts, task_weights):
         seen.append((mode, task_weights.clone()))
         return original(batch, mode, counts, task_weights)
 
-    monkeypatch.setattr(loop, "token_coefficients", recording)
+    monkeypatch.setattr(sft, "token_coefficients", recording)
     train(make_config(small_tasks, tmp_path, gradient_accumulation_steps=4, per_device_train_batch_size=1,
                       max_steps=4, plot_curves=True, **COBA))
     assert len(seen) == 16 and all(mode == "case3" for mode, _ in seen)

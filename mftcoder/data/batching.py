@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -139,6 +139,11 @@ class Batch:
     token_task: torch.Tensor  # [B, T] long, task id of each position
     token_sample: torch.Tensor  # [B, T] long, which sample of the batch each position belongs to (unique per batch)
     position_ids: torch.Tensor | None = None  # [B, T] long, packed rows only
+    # An example is what the objective keeps together (one sequence, or a preference pair's two): its id (its place
+    # in the micro-batch's rows, -1 on padding) and each sequence's part within it (0 chosen, 1 rejected). Rows never split one.
+    token_example: torch.Tensor | None = None  # [B, T] long
+    token_part: torch.Tensor | None = None  # [B, T] long
+    reference_logps: torch.Tensor | None = None  # [B, T] float64: a sequence's reference log-prob at its first target
 
     @property
     def num_tokens(self) -> int:
@@ -156,9 +161,15 @@ class Batch:
         per_piece = max(1, max_tokens // max(1, width)) if max_tokens > 0 else rows
         if per_piece >= rows:
             return [self]
+        cuts = [0]  # a piece ends only where the next row starts another example (a pair's rows stay together)
+        row_example = self.token_example[:, 0].tolist() if self.token_example is not None else list(range(rows))
+        for row in range(1, rows):
+            if row - cuts[-1] >= per_piece and row_example[row] != row_example[row - 1]:
+                cuts.append(row)
+        cuts.append(rows)
         parts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return [Batch(**{k: v[start:start + per_piece] if v is not None else None for k, v in parts.items()})
-                for start in range(0, rows, per_piece)]
+        return [Batch(**{k: v[start:end] if v is not None else None for k, v in parts.items()})
+                for start, end in zip(cuts, cuts[1:])]
 
     def flattened(self) -> "Batch":
         """The rows one after another as a single row ([1, B*T]; loss_mask order unchanged). Packed samples then stay
@@ -182,13 +193,22 @@ class Batch:
         return Batch(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in dataclasses.fields(self)})
 
 
-Sample = tuple[np.ndarray, np.ndarray, int]  # (input ids, loss mask over input tokens, task id)
+class Sample(NamedTuple):
+    """One sequence as collate takes it: input ids, loss mask over input tokens, task id, and (for objectives whose
+    examples hold several sequences) its example's id, its part and its reference log-prob."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    task: int
+    example: int = -1  # -1: an example of its own
+    part: int = 0
+    reference: float = 0.0
 
 
 def collate(rows: list[list[Sample]], pad_id: int, pad_to: int | None = None, packed: bool = False) -> Batch:
     """Pad rows of samples (one sample per row unless packed) to the longest row or to pad_to, shift labels
     once within each sample, and give each sample its own id (and, packed, its own positions)."""
-    width = max((sum(len(ids) for ids, _, _ in row) for row in rows), default=0)
+    width = max((sum(len(s[0]) for s in row) for row in rows), default=0)
     width = max(width, pad_to or 0)
     size = len(rows)
     input_ids = torch.full((size, width), pad_id, dtype=torch.long)
@@ -197,11 +217,15 @@ def collate(rows: list[list[Sample]], pad_id: int, pad_to: int | None = None, pa
     loss_mask = torch.zeros((size, width), dtype=torch.bool)
     token_task = torch.zeros((size, width), dtype=torch.long)
     token_sample = torch.full((size, width), -1, dtype=torch.long)
+    token_example = torch.full((size, width), -1, dtype=torch.long)
+    token_part = torch.zeros((size, width), dtype=torch.long)
+    reference = torch.zeros((size, width), dtype=torch.float64)
     positions = torch.zeros((size, width), dtype=torch.long)
     sample_id = 0
     for r, row in enumerate(rows):
         start = 0
-        for ids, mask, task in row:
+        for sample in row:
+            ids, mask, task, example, part, logp = Sample(*sample)
             n, end = len(ids), start + len(ids)
             ids_t = torch.from_numpy(ids.astype(np.int64))
             input_ids[r, start:end] = ids_t
@@ -210,22 +234,33 @@ def collate(rows: list[list[Sample]], pad_id: int, pad_to: int | None = None, pa
             attention[r, start:end] = 1
             token_task[r, start:end] = task
             token_sample[r, start:end] = sample_id
+            token_example[r, start:end] = example if example >= 0 else -2 - sample_id  # unique either way
+            token_part[r, start:end] = part
+            supervised = loss_mask[r, start:end].nonzero()
+            if len(supervised):
+                reference[r, start + int(supervised[0])] = logp
             positions[r, start:end] = torch.arange(n)
             sample_id, start = sample_id + 1, end
         positions[r, start:] = torch.arange(width - start)  # trailing padding: a segment of its own
         token_sample[r, start:] = sample_id
         sample_id += 1
-    return Batch(input_ids, attention, targets, loss_mask, token_task, token_sample, positions if packed else None)
+    return Batch(input_ids, attention, targets, loss_mask, token_task, token_sample, positions if packed else None,
+                 token_example, token_part, reference)
 
 
 class SampleReader(torch.utils.data.Dataset):
-    """Maps a micro-batch (a list of rows of (task, record)) to a collated Batch; a DataLoader dataset."""
+    """Maps a micro-batch (a list of rows of (task, record)) to a collated Batch; a DataLoader dataset. Each record is
+    an example of one or more sequences: packed, a row holds its examples' sequences one after another; otherwise
+    every sequence is a row of its own, an example's rows side by side. `reference`: per task, each example's
+    reference log-probs [records, parts] (preference objectives with a precomputed reference)."""
 
-    def __init__(self, per_task: list[TaskSamples], pad_id: int, pad_to: int | None = None, packed: bool = False):
+    def __init__(self, per_task: list[TaskSamples], pad_id: int, pad_to: int | None = None, packed: bool = False,
+                 reference: list[np.ndarray] | None = None):
         self.per_task = per_task
         self.pad_id = pad_id
         self.pad_to = pad_to
         self.packed = packed
+        self.reference = reference
 
     def __len__(self) -> int:  # not used for sampling; batches come from the plan
         return sum(len(t.data) for t in self.per_task)
@@ -233,8 +268,19 @@ class SampleReader(torch.utils.data.Dataset):
     def __getitem__(self, rows: list[np.ndarray]) -> Batch:
         if not rows:  # this rank's share of the last global batch is empty, but collectives need a forward
             return self.stand_in()
-        samples = [[(*self.per_task[task].sample(int(record)), int(task)) for task, record in row] for row in rows]
+        examples = [[(int(task), int(record)) for task, record in row] for row in rows]
+        numbered = iter(range(sum(map(len, examples))))  # an example's id: its place in the micro-batch
+        samples = [[sample for task, record in row for sample in self.example(task, record, next(numbered))]
+                   for row in examples]
+        if not self.packed:
+            samples = [[sample] for row in samples for sample in row]
         return collate(samples, self.pad_id, self.pad_to, self.packed)
+
+    def example(self, task: int, record: int, example: int) -> list[Sample]:
+        """The example's sequences, in part order, under the id `example`."""
+        logps = self.reference[task][record] if self.reference is not None else None
+        return [Sample(ids, mask, task, example, part, float(logps[part]) if logps is not None else 0.0)
+                for part, (ids, mask) in enumerate(self.per_task[task].sequences(record))]
 
     def stand_in(self) -> Batch:
         return stand_in(self.pad_id)
@@ -242,6 +288,6 @@ class SampleReader(torch.utils.data.Dataset):
 
 def stand_in(token_id: int) -> Batch:
     """One token, packed (no attention mask to fully mask), carrying no loss and counted as no token."""
-    batch = collate([[(np.array([token_id]), np.zeros(1, dtype=np.uint8), 0)]], token_id, packed=True)
+    batch = collate([[Sample(np.array([token_id]), np.zeros(1, dtype=np.uint8), 0)]], token_id, packed=True)
     batch.attention_mask.zero_()
     return batch

@@ -51,8 +51,12 @@ def cache_problem(directory: Path, num_files: int, vocab_size: int, cache_format
         return "the record offsets in index.npz do not cover the token file in order"
     if records and (file_index.min() < 0 or file_index.max() >= num_files or lines.min() < 1):
         return "index.npz names files or lines that do not exist"
-    if meta["num_lines"] != records + len(meta["errors"]):
-        return f"meta.json counts {meta['num_lines']} lines, but holds {records} records and {len(meta['errors'])} errors"
+    parts = meta.get("parts", 1)  # sequences per record
+    if not isinstance(parts, int) or parts < 1 or records % parts:
+        return f"index.npz holds {records} sequences, not whole records of {parts}"
+    if meta["num_lines"] != records // parts + len(meta["errors"]):
+        return (f"meta.json counts {meta['num_lines']} lines, but holds {records // parts} records and "
+                f"{len(meta['errors'])} errors")
     ids = np.memmap(directory / "ids.bin", dtype=np.int32, mode="r") if tokens else np.zeros(0, np.int32)
     mask = np.memmap(directory / "mask.bin", dtype=np.uint8, mode="r") if tokens else np.zeros(0, np.uint8)
     for start in range(0, tokens, CHUNK):

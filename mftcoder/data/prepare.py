@@ -11,7 +11,7 @@ import numpy as np
 from mftcoder.config import Config, split_fractions
 from mftcoder.data.records import DataError
 from mftcoder.data.tasks import Task, discover_tasks, split_indices
-from mftcoder.data.tokenize import Template, TokenizedTask, load_tokenized
+from mftcoder.data.tokenize import Conversations, Template, TokenizedTask, load_tokenized
 
 
 @dataclass
@@ -20,7 +20,7 @@ class TaskSamples:
 
     data: TokenizedTask
     seq_length: int
-    lengths: np.ndarray  # per record, after truncation
+    lengths: np.ndarray  # per record (all its sequences), after truncation
     targets: np.ndarray  # supervised tokens per record, after truncation
     kept: np.ndarray  # bool per record
     truncated: int
@@ -35,8 +35,12 @@ class TaskSamples:
         return self.data.task
 
     def sample(self, record: int) -> tuple[np.ndarray, np.ndarray]:
-        """(input ids, loss mask) of one record, truncated to seq_length."""
+        """(input ids, loss mask) of one record's first (for SFT its only) sequence, truncated to seq_length."""
         return self.data.sample(record, self.seq_length)
+
+    def sequences(self, record: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(input ids, loss mask) of each of one record's sequences, each truncated to seq_length."""
+        return self.data.sequences(record, self.seq_length)
 
 
 @dataclass
@@ -55,25 +59,27 @@ class PreparedData:
 
 
 def apply_length_policy(data: TokenizedTask, seq_length: int, over_length: str) -> dict:
-    """Which records survive seq_length under `over_length`, their lengths and supervised-token counts."""
-    n = len(data)
-    full_lengths = data.lengths
-    targets = np.add.reduceat(np.asarray(data.mask), data.starts[:-1], dtype=np.int64) if n else np.zeros(0, np.int64)
-    over = full_lengths > seq_length
+    """Which records survive seq_length under `over_length`, their lengths and supervised-token counts. A record of
+    several sequences (a preference pair) is cut sequence by sequence, and dropped whole."""
+    n, parts = len(data), data.parts
+    full_lengths = data.sequence_lengths
+    targets = (np.add.reduceat(np.asarray(data.mask), data.starts[:-1], dtype=np.int64).reshape(n, parts) if n
+               else np.zeros((0, parts), np.int64))
+    over = (full_lengths > seq_length).any(1)
     kept = np.ones(n, dtype=bool)
     dropped_no_target = 0
     if over_length == "drop":
         kept &= ~over
     else:
         for i in np.flatnonzero(over):
-            _, mask = data.sample(int(i), seq_length)
-            targets[i] = int(mask[1:].sum())  # position 0 has no context to predict it from
-            if targets[i] == 0:
+            for k, (_, mask) in enumerate(data.sequences(int(i), seq_length)):
+                targets[i, k] = int(mask[1:].sum())  # position 0 has no context to predict it from
+            if (targets[i] == 0).any():
                 kept[i] = False
                 dropped_no_target += 1
     return {
-        "lengths": np.minimum(full_lengths, seq_length),
-        "targets": targets,
+        "lengths": np.minimum(full_lengths, seq_length).sum(1),
+        "targets": targets.sum(1),
         "kept": kept,
         "truncated": int(over.sum()) - dropped_no_target if over_length == "truncate" else 0,
         "dropped_over_length": int(over.sum()) if over_length == "drop" else 0,
@@ -90,8 +96,10 @@ def prepare_task(data: TokenizedTask, config: Config) -> TaskSamples:
                        test=test[kept[test]], **policy)
 
 
-def prepare_data(config: Config, tokenizer, template: Template, raise_on_bad: bool = True) -> PreparedData:
-    """Discover, tokenize (or read the cache), apply the length policy and split every task.
+def prepare_data(config: Config, tokenizer, template: Template, raise_on_bad: bool = True,
+                 records: Conversations | None = None) -> PreparedData:
+    """Discover, tokenize (or read the cache), apply the length policy and split every task. `records`: what a
+    record holds (the objective's; default SFT's conversations).
 
     Under on_bad_record=error any bad record raises DataError listing all of them (after reading every task).
     """
@@ -99,7 +107,7 @@ def prepare_data(config: Config, tokenizer, template: Template, raise_on_bad: bo
     cache_root = Path(config.data_cache_dir) if config.data_cache_dir else None
     rebuild_before = time.time() if config.overwrite_cache else None  # older caches only: not one a rank just built
     per_task = [prepare_task(load_tokenized(t, tokenizer, template, cache_root, config.preprocessing_num_workers,
-                                            rebuild_before, config.seq_length), config) for t in tasks]
+                                            rebuild_before, config.seq_length, records), config) for t in tasks]
     prepared = PreparedData(tasks, per_task)
     empty = [t.task.name for t in per_task if len(t.train) == 0 and len(t.valid) == 0]
     if raise_on_bad and config.on_bad_record == "error" and prepared.skipped_entries:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import itertools
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from mftcoder.config import task_name_problem
 from mftcoder.data.cache_check import cache_problem, read_meta
-from mftcoder.data.records import BadRecord, DataError, Turn, parse_record, read_lines
+from mftcoder.data.records import BadRecord, DataError, Turn, parse_json_object, read_lines, record_turns
 from mftcoder.data.tasks import Task
 from mftcoder.data.template import ChatTemplate, ModelTemplate, Rendering, control_token_pattern
 from mftcoder.data.workers import ordered_map
@@ -128,14 +129,28 @@ def encode_conversations(tokenizer, template: Template, conversations: list[tupl
     return out
 
 
+class Conversations:
+    """What a record holds for SFT: one conversation, every bot turn supervised. An objective with other records
+    (a preference pair: two conversations, only the last answer supervised) overrides these."""
+
+    parts = 1  # sequences per record, kept together as one example
+    last_answer_only = False
+
+    def conversations(self, record: dict) -> tuple[tuple[Turn, ...], ...]:
+        return (record_turns(record),)
+
+    def cache_tag(self) -> str:
+        return "sft"
+
+
 @dataclass
 class EncodedChunk:
     """Tokenized records of one chunk of lines, concatenated, plus the chunk's bad records."""
 
     ids: np.ndarray
     mask: np.ndarray
-    lengths: np.ndarray
-    lines: np.ndarray
+    lengths: np.ndarray  # per sequence (an example of several sequences has them one after another)
+    lines: np.ndarray  # per sequence
     errors: list[str]
     path: str
     num_bytes: int  # roughly, for progress
@@ -150,43 +165,61 @@ class ChunkEncoder:
     tokenizer: object
     template: Template
     seq_length: int | None = None  # records far longer than this are cut before tokenizing (None: never)
+    objective: "Conversations" = None  # what a record's conversations are (None: SFT's, one per record)
+
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = Conversations()
 
     def __call__(self, job: tuple[str, list[tuple[int, str | BadRecord]]]) -> EncodedChunk:
         path, lines = job
         renderings, numbers, errors, long = [], [], {}, {}
         num_bytes = sum(len(text) + 1 for _, text in lines if isinstance(text, str))
-        limit = None if self.seq_length is None else self.seq_length * CUT_CHARS_PER_TOKEN
+        limit = None if self.seq_length is None or self.objective.parts > 1 else self.seq_length * CUT_CHARS_PER_TOKEN
         for number, text in lines:
             try:
                 if isinstance(text, BadRecord):
                     raise text
-                turns = parse_record(text)
-                if limit is not None and sum(len(t.content) for t in turns) > limit:
-                    long[number] = turns
-                else:
-                    renderings.append(self.template.render(turns))
-                    numbers.append(number)
+                conversations = self.objective.conversations(parse_json_object(text))
+                if limit is not None and sum(len(t.content) for t in conversations[0]) > limit:
+                    long[number] = conversations[0]
+                    continue
+                rendered = [self._render(turns) for turns in conversations]
+                renderings += rendered
+                numbers += [number] * len(rendered)
             except BadRecord as exc:
                 errors[number] = f"{path}:{number}: {exc}"
         controls = control_token_pattern(self.tokenizer, self.template.jinja())
-        encoded_all = dict(zip(numbers, encode_renderings(self.tokenizer, controls, renderings)))
+        encoded_all: dict[int, list] = {}
+        for number, encoded in zip(numbers, encode_renderings(self.tokenizer, controls, renderings)):
+            encoded_all.setdefault(number, []).append(encoded)
         cut = 0
         for number, turns in long.items():
-            encoded_all[number], was_cut = self._encode_long(turns, controls)
+            encoded, was_cut = self._encode_long(turns, controls)
+            encoded_all[number] = [encoded]
             cut += was_cut
-        kept, kept_numbers = [], []
+        kept, kept_numbers, as_text = [], [], 0
         for number in sorted(encoded_all):
-            encoded = encoded_all[number]
-            if isinstance(encoded, BadRecord):
-                errors[number] = f"{path}:{number}: {encoded}"
+            sequences = encoded_all[number]
+            bad = next((e for e in sequences if isinstance(e, BadRecord)), None)
+            if bad is not None:
+                errors[number] = f"{path}:{number}: {bad}"
             else:
-                kept.append(encoded)
-                kept_numbers.append(number)
+                kept += sequences
+                kept_numbers += [number] * len(sequences)
+                as_text += any(e.as_text for e in sequences)
         lengths = np.array([len(e.ids) for e in kept], dtype=np.int64)
         ids = np.concatenate([e.ids for e in kept]) if kept else np.zeros(0, np.int32)
         mask = np.concatenate([e.mask for e in kept]) if kept else np.zeros(0, np.uint8)
         return EncodedChunk(ids, mask, lengths, np.array(kept_numbers, dtype=np.int32),
-                            [errors[n] for n in sorted(errors)], path, num_bytes, sum(e.as_text > 0 for e in kept), cut)
+                            [errors[n] for n in sorted(errors)], path, num_bytes, as_text, cut)
+
+    def _render(self, turns: tuple[Turn, ...]) -> Rendering:
+        """A conversation rendered; where the objective learns only its answer, only the last bot turn is supervised."""
+        rendering = self.template.render(turns)
+        if self.objective.last_answer_only:
+            rendering = dataclasses.replace(rendering, supervised=rendering.supervised[-1:])
+        return rendering
 
     def _encode_long(self, turns: tuple[Turn, ...], controls: re.Pattern) -> tuple[Encoded | BadRecord, bool]:
         """A record with more text than seq_length tokens can hold, tokenized with its contents cut after the first
@@ -231,22 +264,36 @@ class TokenizedTask:
     as_text: int = 0  # records whose contents held control tokens, encoded as text
     digest: str = ""  # of the tokenized records: what resume compares
     cut: int = 0  # records cut before tokenizing (each over seq_length: truncated or dropped like the others)
+    parts: int = 1  # sequences per record (a preference pair: 2), stored one after another
 
     def __len__(self) -> int:
-        return len(self.starts) - 1
+        return (len(self.starts) - 1) // self.parts
+
+    @property
+    def sequence_lengths(self) -> np.ndarray:
+        """[records, parts]: the length of each record's sequences."""
+        return np.diff(self.starts).reshape(-1, self.parts)
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.starts)
+        return self.sequence_lengths.sum(1)
+
+    def sequences(self, i: int, max_length: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, loss mask) of each of record i's sequences, each cut to max_length."""
+        out = []
+        for k in range(i * self.parts, (i + 1) * self.parts):
+            start, end = int(self.starts[k]), int(self.starts[k + 1])
+            if max_length is not None:
+                end = min(end, start + max_length)
+            out.append((np.asarray(self.ids[start:end]), np.asarray(self.mask[start:end])))
+        return out
 
     def sample(self, i: int, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        start, end = int(self.starts[i]), int(self.starts[i + 1])
-        if max_length is not None:
-            end = min(end, start + max_length)
-        return np.asarray(self.ids[start:end]), np.asarray(self.mask[start:end])
+        """Record i's first (for SFT its only) sequence."""
+        return self.sequences(i, max_length)[0]
 
     def where(self, i: int) -> str:
-        return f"{self.task.files[self.file_index[i]]}:{self.lines[i]}"
+        return f"{self.task.files[self.file_index[i * self.parts]]}:{self.lines[i * self.parts]}"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -258,12 +305,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def cache_key(task: Task, tokenizer, template: Template) -> str:
-    """Changes when a file (path, size, mtime), the tokenizer, the template or the cache format changes."""
+def cache_key(task: Task, tokenizer, template: Template, records: Conversations | None = None) -> str:
+    """Changes when a file (path, size, mtime), the tokenizer, the template, what a record holds (the objective's
+    records) or the cache format changes."""
     digest = hashlib.sha256()
     files = [(str(p.relative_to(task.path)), p.stat().st_size, p.stat().st_mtime_ns) for p in task.files]
     settings = {"format": CACHE_FORMAT, "template": [template.name, template.jinja()], "files": files,
-                "tokenizer": tokenizer_fingerprint(tokenizer), "root": str(task.path.resolve())}
+                "tokenizer": tokenizer_fingerprint(tokenizer), "root": str(task.path.resolve()),
+                "records": (records or Conversations()).cache_tag()}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:20]
 
@@ -301,13 +350,15 @@ def _run_encoder(task: Task, encoder: ChunkEncoder, workers: int) -> Iterator[En
 
 
 def build_cache(task: Task, tokenizer, template: Template, directory: Path, workers: int,
-                seq_length: int | None = None) -> None:
+                seq_length: int | None = None, records: Conversations | None = None) -> None:
     """Tokenize a task into `directory`, written under a temporary name and renamed when complete."""
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_cache(task, ChunkEncoder(tokenizer, template, seq_length), tmp, workers, seq_length)
+        records = records or Conversations()
+        _write_cache(task, ChunkEncoder(tokenizer, template, seq_length, records), tmp, workers, seq_length,
+                     records.parts)
         os.rename(tmp, directory)
     except OSError:  # fine if another process finished the same cache first
         if not directory.is_dir():
@@ -316,7 +367,8 @@ def build_cache(task: Task, tokenizer, template: Template, directory: Path, work
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_cache(task: Task, encoder: ChunkEncoder, tmp: Path, workers: int, seq_length: int | None) -> None:
+def _write_cache(task: Task, encoder: ChunkEncoder, tmp: Path, workers: int, seq_length: int | None,
+                 parts: int = 1) -> None:
     """The cache's files in `tmp`; the worker processes are ended whichever way this returns."""
     starts, file_index, lines, errors = [0], [], [], []
     num_lines = as_text = cut = 0
@@ -335,13 +387,13 @@ def _write_cache(task: Task, encoder: ChunkEncoder, tmp: Path, workers: int, seq
             file_index.extend([file_ids[chunk.path]] * len(chunk.lengths))
             lines.extend(chunk.lines.tolist())
             errors.extend(chunk.errors)
-            num_lines += len(chunk.lengths) + len(chunk.errors)
+            num_lines += len(chunk.lengths) // parts + len(chunk.errors)
     np.savez(tmp / "index.npz", starts=np.array(starts, dtype=np.int64), file_index=np.array(file_index, dtype=np.int32),
              lines=np.array(lines, dtype=np.int32))
     meta = {"format": CACHE_FORMAT, "task": task.name, "files": [str(p) for p in task.files],
             "errors": errors, "num_lines": num_lines, "num_tokens": starts[-1], "as_text": as_text,
             "digest": digest.hexdigest()[:32], "built_at": time.time(), "cut": cut,
-            "cut_for": seq_length if cut else None}
+            "cut_for": seq_length if cut else None, "parts": parts}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -369,7 +421,7 @@ def _reusable(directory: Path, task: Task, tokenizer, seq_length: int | None, re
 
 def load_tokenized(task: Task, tokenizer, template: Template, cache_root: Path | None = None,
                    workers: int | None = None, rebuild_before: float | None = None,
-                   seq_length: int | None = None) -> TokenizedTask:
+                   seq_length: int | None = None, records: Conversations | None = None) -> TokenizedTask:
     """The task's tokenized records, from the cache when it matches (and checks out), else tokenized now and
     cached. A lock makes concurrent callers (the ranks of a job) tokenize once: the others wait and read the
     cache. `rebuild_before`: tokenize again when the cache was written before this time (overwrite_cache).
@@ -378,16 +430,16 @@ def load_tokenized(task: Task, tokenizer, template: Template, cache_root: Path |
     if problem:  # the name becomes a folder name under the cache root
         raise DataError(f"{task.path}: task name {task.name!r} {problem}")
     root = Path(cache_root) if cache_root else default_cache_root()
-    directory = root / f"{task.name}-{cache_key(task, tokenizer, template)}"
+    directory = root / f"{task.name}-{cache_key(task, tokenizer, template, records)}"
     root.mkdir(parents=True, exist_ok=True)
     with open(directory.with_name(f"{directory.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         from_cache = _reusable(directory, task, tokenizer, seq_length, rebuild_before)
         if not from_cache:
             shutil.rmtree(directory, ignore_errors=True)
-            build_cache(task, tokenizer, template, directory, workers or os.cpu_count() or 1, seq_length)
+            build_cache(task, tokenizer, template, directory, workers or os.cpu_count() or 1, seq_length, records)
     meta = read_meta(directory)
     index = np.load(directory / "index.npz")
     return TokenizedTask(task, _memmap(directory / "ids.bin", np.int32), _memmap(directory / "mask.bin", np.uint8),
                          index["starts"], index["file_index"], index["lines"], meta["errors"], meta["num_lines"],
-                         from_cache, meta["as_text"], meta["digest"], meta.get("cut", 0))
+                         from_cache, meta["as_text"], meta["digest"], meta.get("cut", 0), meta.get("parts", 1))

@@ -28,7 +28,9 @@ class ValidationLoss:
 
     def __init__(self, validation: Validation, balancer: Balancer, task_names: list[str], max_batches: int | None):
         self.validation, self.balancer, self.task_names, self.max_batches = validation, balancer, task_names, max_batches
-        self.names = ["loss", *(f"loss/{name}" for name in task_names)]
+        extras = validation.objective.metric_names
+        self.names = ["loss", *(f"loss/{name}" for name in task_names), *extras,
+                      *(f"{extra}/{name}" for extra in extras for name in task_names)]
 
     def __call__(self, runner, model, autocast, step) -> dict[str, float]:
         batches = self.validation.batches()
@@ -37,6 +39,7 @@ class ValidationLoss:
         totals = self.validation.totals(runner, batches[:self.max_batches or None], autocast)
         metrics = {"loss": totals.objective(self.balancer.loss_mode, self.balancer.objective_weights())}
         metrics.update({f"loss/{n}": float(v) for n, v in zip(self.task_names, totals.per_task_loss())})
+        metrics.update(totals.extra_metrics(self.task_names))
         return metrics
 
 

@@ -18,8 +18,10 @@ from mftcoder.data.batching import (Batch, SampleReader, arrange_rows, epoch_pla
                                     plan_lengths)
 from mftcoder.data.prepare import PreparedData, prepare_data
 from mftcoder.data.tasks import per_task_values
-from mftcoder.loss import StepCounts, TaskTotals, token_coefficients
+from mftcoder.loss import StepCounts, TaskTotals
 from mftcoder.model import load_tokenizer
+from mftcoder.objectives import Objective, StepLoss, make_objective
+from mftcoder.objectives.base import RunParts
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, shutdown
 from mftcoder.train.evaluators import make_evaluators
@@ -49,13 +51,13 @@ class RunResult:
     stopped_by: int = 0  # the signal (SIGTERM, SIGINT) that ended the run early after a checkpoint, 0 if none
 
 
-def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], counts: StepCounts, mode: str,
-                         task_weights: torch.Tensor, parallel: Parallelism, totals: TaskTotals,
+def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], objective: Objective, counts: StepCounts,
+                         mode: str, task_weights: torch.Tensor, parallel: Parallelism, totals: TaskTotals,
                          autocast: contextlib.AbstractContextManager, max_forward_tokens: int = 0) -> float:
     """Forward and backward every micro-batch of one optimizer step (each in passes of at most
-    max_forward_tokens positions); returns the step's objective.
+    max_forward_tokens positions, never splitting an example); returns the step's objective.
 
-    Coefficients come from step-level counts, so the summed gradient equals that of one big batch; under
+    Weights come from step-level counts, so the summed gradient equals that of one big batch; under
     data parallelism each rank's share is scaled by the world size because DDP and FSDP average gradients. Every rank
     runs as many passes (env.lockstep), since each is a collective under FSDP.
     """
@@ -64,14 +66,13 @@ def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], counts: 
     for i, batch in enumerate(passes):
         aux_scale = 1.0 / real_passes if batch.num_tokens else 0.0  # a model's auxiliary loss: its mean over the step
         batch = batch.to(env.device)
-        coefficients = token_coefficients(batch, mode, counts, task_weights)
         with parallel.gradient_sync(runner, sync=i == len(passes) - 1):
             with autocast:
-                output = runner(batch, coefficients, aux_scale)
-            loss, token_losses = parallel.loss(batch, output), output[1]
+                output = objective.forward(runner, batch, StepLoss(counts, mode, task_weights, aux_scale))
+            loss = parallel.loss(batch, output)
             (loss * env.world_size).backward()
         step_loss += float(loss.detach())
-        totals.add(batch, token_losses)
+        totals.add_stats(output[1])
     return float(env.all_reduce_sum(torch.tensor([step_loss], dtype=torch.float64))[0])
 
 
@@ -104,8 +105,22 @@ class Trainer:
 
     def _set_up(self, config: Config, env: DistEnv) -> None:
         torch.manual_seed(config.seed)
+        self.objective = make_objective(config)
+        self._build_data(config, env)
+        self._build_model(config, env)
+        self._build_batches(config, env)
+        self._build_schedule(config)
+        self.state = ckpt.TrainerState()
+        tb_dir = Path(config.tensorboard_dir) if config.tensorboard_dir else self.output_dir / "runs"
+        resumed = ckpt.read_state(self.resume_from) if self.resume_from else None
+        self.logger = MetricsLogger(self.output_dir, tb_dir, enabled=env.is_main, resumed=resumed)
+        self.result = RunResult(self.output_dir, self.output_dir, self.state)
+        self.interval = self._new_interval()
+
+    def _build_data(self, config: Config, env: DistEnv) -> None:
+        """Tokenizer and template, the tasks' samples, the balancer; the run folder checked against a resume."""
         self.tokenizer, self.template = load_tokenizer(config)
-        self.data: PreparedData = prepare_data(config, self.tokenizer, self.template)
+        self.data: PreparedData = prepare_data(config, self.tokenizer, self.template, records=self.objective.records)
         self._set_up_tasks(config)
         self.layout = {"world_size": env.world_size, "data": {t.task.name: t.data.digest for t in self.data.per_task}}
         if env.is_main:
@@ -117,18 +132,30 @@ class Trainer:
         if env.is_main:
             clear_earlier_runs(self.output_dir, self.resume_from, config.overwrite_output_dir, note)
         env.barrier()
+
+    def _build_model(self, config: Config, env: DistEnv) -> None:
+        """The model as it trains (see train/model_setup.py) and the batch shape decided on it."""
         setup = set_up_model(config, env, self.tokenizer, self.template, self.data.per_task, self.resume_from,
                              self.output_dir)
         self.model, self.runner, self.optimizer, self.parallel = setup.model, setup.runner, setup.optimizer, setup.parallel
         self.autocast, self.forward_tokens, self.save_dtype = setup.autocast, setup.forward_tokens, setup.save_dtype
         self.padding_mode = self.layout["padding_mode"] = setup.padding_mode
+
+    def _build_batches(self, config: Config, env: DistEnv) -> None:
+        """The collator, the objective's own set-up (a reference model), the validation split and the evaluators."""
         pad_to = config.seq_length if self.padding_mode == "padding" else None
+        self.row_capacity = config.seq_length * self.objective.records.parts  # a packed row holds a whole example
         self.reader = SampleReader(self.data.per_task, self.tokenizer.pad_token_id, pad_to,
                                    packed=self.padding_mode == "pack")
-        self.validation = Validation(config, self.data, self.reader, env, self.padding_mode)
+        self.objective.set_up(RunParts(self.model, self.runner, self.reader, self.data, env, self.autocast,
+                                       self.output_dir, self.resume_from is not None, self.padding_mode))
+        self.validation = Validation(config, self.data, self.reader, env, self.padding_mode, self.objective)
         self.evaluators = make_evaluators(config, self.validation, self.balancer, self.task_names, self.tokenizer, env,
                                           self.output_dir, self.parallel.sharded)
         check_metric_name(config, [name for evaluator in self.evaluators for name in evaluator.names])
+
+    def _build_schedule(self, config: Config) -> None:
+        """Steps per epoch and in all."""
         epoch_lengths = [len(self._epoch_steps(e)) for e in range(config.num_train_epochs)]  # packing varies a little
         self.steps_per_epoch = epoch_lengths[0]
         total = sum(epoch_lengths)
@@ -136,12 +163,9 @@ class Trainer:
             raise ConfigError(f"no training steps: the training split holds {sum(len(t.train) for t in self.data.per_task)}"
                               f" sample(s) (data_split {config.data_split!r}, data_weights {config.data_weights})")
         self.total_steps = min(total, config.max_steps) if config.max_steps > 0 else total
-        self.state = ckpt.TrainerState()
-        tb_dir = Path(config.tensorboard_dir) if config.tensorboard_dir else self.output_dir / "runs"
-        resumed = ckpt.read_state(self.resume_from) if self.resume_from else None
-        self.logger = MetricsLogger(self.output_dir, tb_dir, enabled=env.is_main, resumed=resumed)
-        self.result = RunResult(self.output_dir, self.output_dir, self.state)
-        self.interval = Interval(TaskTotals.zeros(self.num_tasks))
+
+    def _new_interval(self) -> "Interval":
+        return Interval(TaskTotals.zeros(self.num_tasks, self.objective.metric_names))
 
     def _set_up_tasks(self, config: Config) -> None:
         """Task names, the balancer with the task weights, and the sampling weights."""
@@ -162,7 +186,7 @@ class Trainer:
     def _epoch_steps(self, epoch: int) -> list[list[np.ndarray]]:
         config = self.config
         plan = epoch_plan(self.data.per_task, self.sampling_weights, config.seed, epoch)
-        rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), self.padding_mode, config.seq_length,
+        rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), self.padding_mode, self.row_capacity,
                             config.per_device_train_batch_size * self.env.world_size,
                             np.random.default_rng([config.seed, epoch, 0xA11]))
         batches = micro_batches(rows, config.per_device_train_batch_size, self.env.rank, self.env.world_size)
@@ -248,11 +272,12 @@ class Trainer:
         self.step_task_losses = np.full(self.num_tasks, np.nan)  # what the balancer sees of a skipped step
         self.interval.balance = self.balancer.metrics()  # the weights this step trains with
         self.runner.train()
-        counts = StepCounts.of(batches, self.num_tasks)
+        counts = self.objective.step_counts(batches, self.num_tasks)
         counts = StepCounts(*self.env.all_reduce_sum(torch.stack([counts.tokens, counts.samples])))
-        step_totals = TaskTotals.zeros(self.num_tasks)
-        loss = accumulate_gradients(self.runner, batches, counts, self.balancer.loss_mode, self.balancer.weights(),
-                                    self.parallel, step_totals, self.autocast, self.forward_tokens)
+        step_totals = self.interval.totals.zeros_like()
+        loss = accumulate_gradients(self.runner, batches, self.objective, counts, self.balancer.loss_mode,
+                                    self.balancer.weights(), self.parallel, step_totals, self.autocast,
+                                    self.forward_tokens)
         tokens, capacity = (int(x) for x in self.env.all_reduce_sum(torch.tensor(
             [sum(b.num_tokens for b in batches), sum(b.attention_mask.numel() for b in batches)])))
         self.interval.tokens += tokens
@@ -270,7 +295,7 @@ class Trainer:
         state.nonfinite_in_row = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        step_totals = TaskTotals.from_tensor(self.env.all_reduce_sum(step_totals.as_tensor()))
+        step_totals = step_totals.from_tensor(self.env.all_reduce_sum(step_totals.as_tensor()))
         self.interval.totals.merge(step_totals)
         self.step_task_losses = step_totals.per_task_loss().numpy()
         self.interval.losses.append(loss)
@@ -294,6 +319,7 @@ class Trainer:
         metrics = {"loss": float(np.mean(interval.losses)) if interval.losses else float("nan")}
         metrics.update({f"loss/{n}": float(v) for n, v in zip(self.task_names, interval.totals.per_task_loss())
                         if not math.isnan(v)})  # a task absent from the interval has no loss to show
+        metrics.update(interval.totals.extra_metrics(self.task_names))  # e.g. a preference objective's rewards
         metrics.update({"lr": self._lr(self.state.step - 1), "grad_norm": interval.grad_norm,
                         "tokens_per_s": interval.tokens / max(elapsed, 1e-9),
                         "packing_efficiency": interval.tokens / max(1, interval.capacity),
@@ -302,7 +328,7 @@ class Trainer:
         if self.env.device.type == "cuda":  # this (the main) process's peak since it started
             metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.logger.log("train", self.state.step, metrics)
-        self.interval = Interval(TaskTotals.zeros(self.num_tasks))
+        self.interval = self._new_interval()
 
     def after_step(self, epoch_done: bool) -> bool:
         """Evaluation and checkpoints after an optimizer step, the epoch's end included when the step ends one:

@@ -12,6 +12,7 @@ from mftcoder.config import Config
 from mftcoder.data.batching import SampleReader, ValidationStream, arrange_rows, micro_batches, plan_lengths
 from mftcoder.data.prepare import PreparedData
 from mftcoder.loss import TaskTotals
+from mftcoder.objectives import Objective
 from mftcoder.train.distributed import DistEnv
 
 
@@ -19,8 +20,10 @@ class Validation:
     """This rank's share of the validation split, in a fixed order (evaluation) or in seeded shuffles (an endless
     stream of samples, whose position is saved with the checkpoint)."""
 
-    def __init__(self, config: Config, data: PreparedData, reader: SampleReader, env: DistEnv, padding_mode: str):
+    def __init__(self, config: Config, data: PreparedData, reader: SampleReader, env: DistEnv, padding_mode: str,
+                 objective: Objective):
         self.config, self.data, self.reader, self.env, self.padding_mode = config, data, reader, env, padding_mode
+        self.objective = objective
         self.num_tasks = len(data.tasks)
         self.stream = ValidationStream(lambda passes: self.batches(shuffle=passes))
 
@@ -33,7 +36,8 @@ class Validation:
             return []
         if shuffle is not None:
             plan = plan[np.random.default_rng([config.seed, shuffle, 0xC0BA]).permutation(len(plan))]
-        rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), self.padding_mode, config.seq_length,
+        rows = arrange_rows(plan, plan_lengths(self.data.per_task, plan), self.padding_mode,
+                            config.seq_length * self.objective.records.parts,
                             config.per_device_valid_batch_size * self.env.world_size,
                             np.random.default_rng(0 if shuffle is None else [config.seed, shuffle]), window=len(plan))
         return micro_batches(rows, config.per_device_valid_batch_size, self.env.rank, self.env.world_size)
@@ -44,13 +48,13 @@ class Validation:
         """Per-task loss sums over these micro-batches, summed over ranks (every rank runs every batch: an empty
         share is a 1-token stand-in)."""
         runner.eval()
-        totals = TaskTotals.zeros(self.num_tasks)
+        totals = TaskTotals.zeros(self.num_tasks, self.objective.metric_names)
         for rows_of_batch in batches:
             batch = self.reader[rows_of_batch].to(self.env.device)
             with autocast:
-                totals.add(batch, runner(batch)[1])
+                totals.add_stats(self.objective.forward(runner, batch, None)[1])
         runner.train()
-        return TaskTotals.from_tensor(self.env.all_reduce_sum(totals.as_tensor()))
+        return totals.from_tensor(self.env.all_reduce_sum(totals.as_tensor()))
 
     def sample(self, runner: torch.nn.Module, autocast: contextlib.AbstractContextManager) -> np.ndarray:
         """Per-task validation loss of the stream's next `coba_sample_valid_num` micro-batches (NaN: task absent)."""
