@@ -39,10 +39,11 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from mftcoder.data.prepare import check_report, prepare_data
     from mftcoder.model import load_tokenizer
+    from mftcoder.objectives import make_objective
 
     config = _load(args)
     tokenizer, template = load_tokenizer(config)
-    prepared = prepare_data(config, tokenizer, template, raise_on_bad=False)
+    prepared = prepare_data(config, tokenizer, template, raise_on_bad=False, records=make_objective(config).records)
     for line in prepared.skipped_entries + prepared.errors:
         print(line)
     print(check_report(prepared))

@@ -147,4 +147,7 @@ def check_report(prepared: PreparedData) -> str:
              for r in (header, *rows)]
     note = ("ctl-as-text: records whose messages contain control-token text (e.g. <|endoftext|>); it is trained as "
             "the characters it is, never as a control token")
-    return "\n".join(lines) + ("\n" + note if any(t.data.as_text for t in prepared.per_task) else "")
+    pairs = ("each record is a preference pair: truncated counts pairs with either answer cut to seq_length, "
+             "supervised the tokens of both answers, lengths both sequences together")
+    return "\n".join(lines + [pairs] * any(t.data.parts == 2 for t in prepared.per_task)
+                     + [note] * any(t.data.as_text for t in prepared.per_task))
