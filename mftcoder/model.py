@@ -15,6 +15,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_TOKENIZER = ASSETS / "tokenizer"
 SHIPPED_MODEL_CONFIGS = {path.stem: path for path in sorted((ASSETS / "models").glob("*.json"))}
 DEMO_DATA = ASSETS / "demo_data"
+DEMO_PAIRS = ASSETS / "demo_pairs"  # preference pairs made from demo_data (scripts/build_demo_pairs.py)
 
 if TYPE_CHECKING:
     import torch

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mftcoder.config import build_config
-from mftcoder.model import DEMO_DATA, load_tokenizer
+from mftcoder.model import DEMO_DATA, DEMO_PAIRS, load_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -58,28 +58,14 @@ def small_tasks(tmp_path_factory):
     return {"data_paths": [str(p) for p in sorted(root.iterdir())], "data_cache_dir": str(root / ".cache")}
 
 
-def preference_pairs(records: list[dict], as_lists: bool) -> list[dict]:
-    """Pairs from chat records: the prompt and last answer of each, with the next record's answer rejected; as whole
-    conversations ({"chosen": [...], "rejected": [...]}) or as answers to a prompt ({"chat_rounds", ...})."""
-    pairs = []
-    for record, other in zip(records, records[1:] + records[:1]):
-        prompt, chosen, rejected = record["chat_rounds"][:-1], record["chat_rounds"][-1], other["chat_rounds"][-1]
-        if chosen["content"] == rejected["content"]:
-            continue
-        if as_lists:
-            pairs.append({"chosen": [*prompt, chosen], "rejected": [*prompt, {**rejected}]})
-        else:
-            pairs.append({"chat_rounds": prompt, "chosen": chosen["content"], "rejected": rejected["content"]})
-    return pairs
-
 
 @pytest.fixture(scope="session")
 def pair_tasks(tmp_path_factory):
-    """Two preference tasks of 16 short pairs each (one in each record form), and a shared cache."""
+    """The shipped preference-pair demo tasks (one in each record form), 16 short pairs each, and a shared cache."""
     root = tmp_path_factory.mktemp("pairs")
-    for as_lists, name in ((True, "code_docstring"), (False, "code_generation")):
-        lines = (DEMO_DATA / name / "train.jsonl").read_text().splitlines()
-        records = [json.loads(line) for line in sorted(lines, key=len)[:16]]
-        write_task(root, f"{name}_pairs", preference_pairs(records, as_lists))
+    for task_dir in sorted(p for p in DEMO_PAIRS.iterdir() if p.is_dir()):
+        lines = sorted((task_dir / "train.jsonl").read_text().splitlines(), key=len)[:16]
+        (root / task_dir.name).mkdir()
+        (root / task_dir.name / "train.jsonl").write_text("\n".join(lines) + "\n")
     return {"data_paths": [str(p) for p in sorted(root.iterdir())], "data_cache_dir": str(root / ".cache"),
             "objective": "dpo"}
