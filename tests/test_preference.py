@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import write_task
+from test_distributed import final_weights, run_two_ranks, train_losses
 
 from mftcoder.config import build_config
 from mftcoder.data.batching import Sample, arrange_rows, collate, micro_batches, plan_lengths
@@ -227,12 +228,15 @@ def test_pairs_stay_whole_in_every_pass_on_every_rank(pair_tasks, tmp_path, mode
 
 
 def run_settings(pair_tasks, output_dir, **overrides):
-    values = {**pair_tasks, "model_config": "tiny-test", "output_dir": str(output_dir), "seq_length": 96,
+    return build_config(run_values(pair_tasks, output_dir, **overrides))[0]
+
+
+def run_values(pair_tasks, output_dir, **overrides) -> dict:
+    return {**pair_tasks, "model_config": "tiny-test", "output_dir": str(output_dir), "seq_length": 96,
               "per_device_train_batch_size": 2, "learning_rate": 5e-3, "max_steps": 4, "log_interval": 1,
               "evaluation_steps": 2, "checkpointing_steps": 2, "data_split": "75,25,0", "num_warmup_steps": 0,
               "evaluate_before_training": True, "per_device_valid_batch_size": 4, "plot_curves": False,
               "peft_type": "lora", "lora_dropout": 0.0, **overrides}
-    return build_config(values)[0]
 
 
 def test_lora_dpo_run_starts_at_ln2_resumes_bitwise_and_evaluates_like_the_plain_model(pair_tasks, tmp_path):
@@ -290,3 +294,24 @@ def test_a_bad_pair_is_reported_with_its_line(tmp_path, tokenizer, template):
     assert chunk.errors == ["data.jsonl:2: 'chosen' and 'rejected' are the same answer: nothing to prefer"]
     assert list(chunk.lines) == [1, 1]
     assert parse_json_object('{"prompt": "p"}') == {"prompt": "p"}
+
+
+def test_two_ranks_under_fsdp_equal_one_rank_with_the_reference_computed_sharded(pair_tasks, tmp_path):
+    """Full fine-tuning: the reference log-probs come from the sharded model; 2 ranks of 2 pairs = 1 rank of 4."""
+    common = dict(peft_type=None, max_steps=2, evaluate_before_training=False, padding_mode="dynamic",
+                  adam_epsilon=1e-5, learning_rate=1e-3, evaluation_steps=2, checkpointing_steps=2, num_warmup_steps=0)
+    single = train(run_settings(pair_tasks, tmp_path / "one", per_device_train_batch_size=4, **common))
+    done = run_two_ranks(run_values(pair_tasks, tmp_path / "two", total_train_batch_size=4,
+                                    distributed_strategy="fsdp", **common))
+    assert done.returncode == 0, done.stderr[-4000:]
+    one, two = np.load(tmp_path / "one" / "reference_logps.npz"), np.load(tmp_path / "two" / "reference_logps.npz")
+    assert str(one["key"]) == str(two["key"])
+    for task in ("task0", "task1"):
+        np.testing.assert_allclose(two[task], one[task], rtol=1e-5)
+    assert train_losses(tmp_path / "two") == pytest.approx(single.step_losses, rel=1e-5)
+    a, b = final_weights(tmp_path / "one", 2), final_weights(tmp_path / "two", 2)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+    evals = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert evals[-1]["rewards/margins"] == pytest.approx(single.evaluations[-1]["rewards/margins"], rel=1e-4)
