@@ -17,7 +17,8 @@ from mftcoder.families import (CheckContext, check_attention, check_runner, comp
 from mftcoder.loss import SupervisedLM
 from mftcoder.model import load_base_model, prepare_for_training, save_dtype
 from mftcoder.train import checkpoint as ckpt
-from mftcoder.train.distributed import DistEnv, OptimizerSpec, Parallelism, make_parallelism, reshard
+from mftcoder.train.distributed import DistEnv, OptimizerSpec, Parallelism, reshard
+from mftcoder.train.engines import make_parallelism
 from mftcoder.train.run_folder import RANDOM_BASE
 from mftcoder.train.sharded_load import RankZeroLoad
 
