@@ -14,6 +14,7 @@ import torch
 
 from mftcoder.atorch_strategy import GPU_ONLY, parse_strategy
 from mftcoder.config import Config, ConfigError
+from mftcoder.model import parameter_groups
 from mftcoder.train.distributed import (DistEnv, Parallelism, clip_gradients, decoder_layer_classes,
                                         ensure_process_group)
 
@@ -159,8 +160,6 @@ class AtorchEngine(Parallelism):
         self.fsdp_root: torch.nn.Module | None = None
 
     def prepare(self, runner, model, optimizer, around_shard=None):
-        from mftcoder.model import parameter_groups
-
         auto_accelerate = import_auto_accelerate()
         ensure_process_group(self.env)  # ATorch's parallel groups need a process group, even of one
         status, result, _ = auto_accelerate(

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mftcoder.config import Config, ConfigError
+from mftcoder.model import parameter_groups
 
 
 @dataclass
@@ -215,8 +216,6 @@ class OptimizerSpec:
                                                    "betas": (config.adam_beta1, config.adam_beta2)})
 
     def build(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        from mftcoder.model import parameter_groups
-
         return torch.optim.AdamW(parameter_groups(model, self.weight_decay), **self.kwargs)
 
 
