@@ -37,6 +37,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    # Lazy, as in every command: torch loads only for the command that runs, so --help and config show stay fast.
     from mftcoder.data.prepare import check_report, prepare_data
     from mftcoder.model import load_tokenizer
     from mftcoder.objectives import make_objective
@@ -75,6 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"stopped by {signal.Signals(exc.signum).name}: the ranks saved their last step where they could "
                   "(see above); continue with resume_from_checkpoint: auto", file=sys.stderr)
             return exc.exit_status
+    # Lazy: the --nproc launcher above needs no torch, nor does --help.
     from mftcoder.train.checkpoint import CheckpointError
     from mftcoder.train.loop import TrainingError, train
 
@@ -110,7 +112,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def _sampling(args: argparse.Namespace):
-    from mftcoder.infer import Sampling
+    from mftcoder.infer import Sampling  # lazy: infer imports torch and transformers
 
     return Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
@@ -118,7 +120,7 @@ def _sampling(args: argparse.Namespace):
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from mftcoder.merge import merge
+    from mftcoder.merge import merge  # lazy: torch loads only for this command
 
     out = merge(Path(args.base), Path(args.adapter), Path(args.out), args.max_shard_size, args.trust_remote_code,
                 args.overwrite)
@@ -127,7 +129,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mftcoder.infer import generate_file, load, open_output, read_prompts
+    from mftcoder.infer import generate_file, load, open_output, read_prompts  # lazy: torch and transformers
 
     if Path(args.input).is_dir():
         raise ConfigError(f"--input {args.input}: is a folder; give a JSONL file of prompts")
@@ -140,7 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from mftcoder.infer import chat, load
+    from mftcoder.infer import chat, load  # lazy: torch and transformers load only for this command
 
     model, tokenizer = load(args.model, args.adapter, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     chat(model, tokenizer, _sampling(args), system=args.system)
@@ -148,6 +150,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    # Lazy: codeeval.evaluate and infer import torch and transformers.
     from mftcoder.codeeval.checks import broken_problems
     from mftcoder.codeeval.evaluate import load_problems, open_results, run_eval
     from mftcoder.codeeval.sandbox import Limits, Sandbox, SandboxError

@@ -15,11 +15,8 @@ from typing import Any, Union
 
 import yaml
 
-from mftcoder.config_text import YamlProblem, brief, read_json, read_yaml, yaml_error
-
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message names the key."""
+from mftcoder.atorch_strategy import parse_strategy
+from mftcoder.config_text import ConfigError, YamlProblem, brief, read_json, read_yaml, yaml_error
 
 
 @dataclass(frozen=True)
@@ -461,8 +458,6 @@ def validate(config: Config, given: set[str]) -> list[str]:
         raise ConfigError(f"quantization: {config.quantization} is not supported with distributed_strategy: fsdp "
                           "(sharding bitsandbytes weights); use distributed_strategy: ddp")
     if config.distributed_strategy == "atorch" and config.atorch_strategy is not None:
-        from mftcoder.train.atorch_engine import parse_strategy
-
         parse_strategy(config.atorch_strategy)
     elif config.atorch_strategy is not None:
         raise ConfigError(f"atorch_strategy: read only with distributed_strategy: atorch (this run has "

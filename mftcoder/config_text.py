@@ -1,6 +1,7 @@
 """Config text read safely: YAML (YAML 1.2 booleans; alias bombs, recursive aliases, deep nesting and duplicate keys
 refused before anything is built) and JSON (duplicate keys, deep nesting), each refusal with its line; bounded
-reprs of values for error messages."""
+reprs of values for error messages; ConfigError, a config problem (defined here, below every module that checks a
+config, and imported through mftcoder.config)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
 
 MAX_YAML_VALUES = 100_000  # nodes a config may expand to (aliases counted each time they are used)
 MAX_YAML_DEPTH = 50  # lists and mappings nested in each other
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key."""
 
 
 class YamlProblem(ValueError):

@@ -12,9 +12,11 @@ import torch
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from mftcoder.config import ConfigError
 from mftcoder.data.records import Turn, read_jsonl, record_turns
 from mftcoder.data.template import ChatTemplate, ModelTemplate, saved_template, stop_token_ids
 from mftcoder.data.tokenize import encode_conversations
+from mftcoder.merge import check_adapter_fits
 from mftcoder.model_folder import check_model_folder
 
 
@@ -62,8 +64,6 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, device: str |
                                                  dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     if adapter:
         from peft import PeftModel
-
-        from mftcoder.merge import check_adapter_fits
 
         check_adapter_fits(model, Path(adapter))
         model = PeftModel.from_pretrained(model, str(adapter))
@@ -137,8 +137,6 @@ def read_prompts(path: Path) -> tuple[list[dict], list[tuple[Turn, ...]]]:
 
 def open_output(path: Path, option: str = "--output"):
     """A text file opened for writing (parents made) before any work, or a one-sentence error naming it."""
-    from mftcoder.config import ConfigError
-
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a folder; give the path of a JSONL file to write")
     existing = next(parent for parent in path.absolute().parents if parent.exists())

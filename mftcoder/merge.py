@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 
 from mftcoder.data.records import DataError
+from mftcoder.data.template import saved_template, stop_token_ids
+from mftcoder.model import set_special_token_ids
 from mftcoder.model_folder import check_model_folder
 
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
@@ -106,9 +108,6 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_size: str 
     of the weights."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mftcoder.data.template import saved_template, stop_token_ids
-    from mftcoder.model import set_special_token_ids
 
     check_model_folder(base_dir, "--base", trust_remote_code)
     if not adapter_dir.is_dir():

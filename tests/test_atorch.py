@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
+from mftcoder.atorch_strategy import parse_strategy
 from mftcoder.config import ConfigError, build_config
-from mftcoder.train.atorch_engine import (check_strategy, default_strategy, load_strategy, parse_strategy,
-                                            tensor_bytes)
+from mftcoder.train.atorch_engine import check_strategy, default_strategy, load_strategy, tensor_bytes
 from mftcoder.train.loop import train
 from test_distributed import final_weights, run_two_ranks, settings, train_losses
 

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 
 from mftcoder.config import ConfigError, build_config
 from mftcoder.data.batching import collate
-from mftcoder.families import family
+from mftcoder.families import check_attention, computes_in_float32, family, packs_as_one_row
+from mftcoder.loss import SupervisedLM
 from mftcoder.merge import merge
 from mftcoder.train.distributed import DistEnv
 from mftcoder.train.loop import Trainer
+from mftcoder.train.model_checks import CheckContext, check_runner, float32_probe, leak_gap, position_gap
 
 COMMON = dict(vocab_size=50304, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
               max_position_embeddings=256, tie_word_embeddings=False)
@@ -177,8 +179,6 @@ def test_attention_implementations_keep_packed_samples_apart_and_agree(small_tas
     """sdpa and eager: packed rows give each sample's own per-token losses, and both kernels give the same; under bf16
     autocast too (measured: identical, 0; the limits allow bf16 rounding), where no sample moves when the ones before it
     change."""
-    from mftcoder.families import leak_gap
-
     losses = {}
     for kernel in ("sdpa", "eager"):
         (tmp_path / kernel).mkdir()
@@ -226,9 +226,6 @@ def test_a_kernel_that_sees_samples_only_in_one_row_gets_packed_rows_as_one_row(
     start-up check runs several rows, so it sees the leak and the flattened layout passes."""
     import varlen_attention
 
-    from mftcoder.families import CheckContext, check_runner, leak_gap, packs_as_one_row, position_gap
-    from mftcoder.loss import SupervisedLM
-
     model, samples, cpu = _llama(varlen_attention.NAME), _probe_samples(), torch.device("cpu")
     assert packs_as_one_row(varlen_attention.NAME) and not packs_as_one_row("sdpa")
     as_rows, flat = SupervisedLM(model), SupervisedLM(model, flat_packing=True)
@@ -245,9 +242,6 @@ def test_start_up_checks_in_bf16_compare_what_bf16_noise_leaves_exact():
     """In bf16 each sample alone differs from it packed by rounding (>1e-4), so that comparison runs on a float32
     miniature of the model's code; the leak check runs the model as it trains (bf16 weights, or bf16 autocast) and is
     exact there: a sample's losses do not move at all when the samples before it change."""
-    from mftcoder.families import float32_probe, leak_gap, position_gap
-    from mftcoder.loss import SupervisedLM
-
     model, samples, cpu = _llama("sdpa", num_hidden_layers=4), _probe_samples(), torch.device("cpu")
     rng_before = torch.get_rng_state()
     probe = float32_probe(model.to(torch.bfloat16))
@@ -266,8 +260,6 @@ def test_start_up_checks_in_bf16_compare_what_bf16_noise_leaves_exact():
 
 def test_flash_attention_needs_bf16_compute():
     """float32 weights outside autocast would reach flash-attention in float32, which it refuses (a crash at start-up)."""
-    from mftcoder.families import check_attention, computes_in_float32
-
     model = _llama("sdpa")
     model.config._attn_implementation = "flash_attention_2"
     assert not computes_in_float32(model, bf16=False)  # so the exact checks run on an sdpa miniature

@@ -4,7 +4,6 @@ same layout as under ddp/fsdp, so they move between engines."""
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import sys
 import warnings
@@ -13,18 +12,12 @@ from typing import Any
 
 import torch
 
+from mftcoder.atorch_strategy import GPU_ONLY, parse_strategy
 from mftcoder.config import Config, ConfigError
+from mftcoder.model import parameter_groups
 from mftcoder.train.distributed import (DistEnv, Parallelism, clip_gradients, decoder_layer_classes,
                                         ensure_process_group)
 
-# What mftcoder runs through ATorch, and where (measured on CPU with 2 ranks; see README "ATorch").
-CPU_AND_GPU = ("parallel_mode", "zero1", "checkpoint")
-GPU_ONLY = {"fsdp": "ATorch's fsdp refuses CPU ('FSDP only support GPU')",
-            "zero2": "on CPU ATorch's zero2 is fairscale's ShardedDataParallel, whose gradients were measured wrong "
-                     "from the second step under torch 2.13",
-            "amp_native": "ATorch's amp_native is CUDA autocast; on CPU it does nothing (bf16: true is mftcoder's own)"}
-NOT_INTEGRATED = ("amp_apex_o1", "amp_apex_o2", "fsdp2", "auto_ddp", "fp8", "tensor_parallel", "module_replace",
-                  "native_dynamo", "pipeline_parallel", "mixed_parallel", "sequence_parallel", "half", "ds_3d_parallel")
 DATA_PARALLEL = ("parallel_mode", "fsdp", "zero2")
 WRAPS_MODULES = ("fsdp", "checkpoint")  # they rename the layers' modules, which PEFT's adapter saving does not follow
 
@@ -39,28 +32,6 @@ def default_strategy(device_type: str, lora: bool, checkpoint_activations: bool)
         return ["parallel_mode", ["amp_native", {"dtype": "bf16"}]]
     recompute = [] if checkpoint_activations else ["checkpoint"]
     return ["parallel_mode", "fsdp", ["amp_native", {"dtype": "bf16"}], *recompute]
-
-
-def parse_strategy(entries: list) -> list[tuple[str, Any]]:
-    """atorch_strategy entries ('name' or [name, config]) as (name, config) pairs; unknown names get the closest."""
-    parsed = []
-    for i, entry in enumerate(entries):
-        if isinstance(entry, (list, tuple)) and len(entry) in (1, 2) and isinstance(entry[0], str):
-            name, settings = entry[0], entry[1] if len(entry) == 2 else None
-        elif isinstance(entry, str):
-            name, settings = entry, None
-        else:
-            raise ConfigError(f"atorch_strategy[{i}]: expected a name or [name, config], got {entry!r}")
-        known = [*CPU_AND_GPU, *GPU_ONLY]
-        if name in NOT_INTEGRATED:
-            raise ConfigError(f"atorch_strategy[{i}]: {name!r} is an ATorch strategy mftcoder does not run "
-                              f"(supported: {', '.join(known)})")
-        if name not in known:
-            match = difflib.get_close_matches(name, known, n=1)
-            raise ConfigError(f"atorch_strategy[{i}]: unknown strategy {name!r}"
-                              + (f"; did you mean {match[0]!r}?" if match else f" (supported: {', '.join(known)})"))
-        parsed.append((name, settings))
-    return parsed
 
 
 def check_strategy(entries: list, device_type: str, world_size: int, checkpoint_activations: bool = False,
@@ -189,8 +160,6 @@ class AtorchEngine(Parallelism):
         self.fsdp_root: torch.nn.Module | None = None
 
     def prepare(self, runner, model, optimizer, around_shard=None):
-        from mftcoder.model import parameter_groups
-
         auto_accelerate = import_auto_accelerate()
         ensure_process_group(self.env)  # ATorch's parallel groups need a process group, even of one
         status, result, _ = auto_accelerate(

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mftcoder.config import Config, ConfigError
+from mftcoder.model import parameter_groups
 
 
 @dataclass
@@ -202,17 +203,6 @@ class FullyShard(Parallelism):
         return runner
 
 
-def make_parallelism(env: DistEnv, config: Config, bf16: bool) -> Parallelism:
-    """The engine distributed_strategy names (one process without one: no wrapping; ATorch is asked even then)."""
-    if config.distributed_strategy == "atorch":
-        from mftcoder.train.atorch_engine import AtorchEngine
-
-        return AtorchEngine(env, config, bf16)
-    if config.distributed_strategy == "fsdp":
-        return FullyShard(env, bf16, reduce_every_pass=config.fsdp_gradient_sync == "every_pass")
-    return DataParallel(env, bf16) if env.distributed else Parallelism(env, bf16)
-
-
 @dataclass
 class OptimizerSpec:
     """AdamW as configured: its arguments, and weight decay for all but biases and norm weights."""
@@ -226,8 +216,6 @@ class OptimizerSpec:
                                                    "betas": (config.adam_beta1, config.adam_beta2)})
 
     def build(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        from mftcoder.model import parameter_groups
-
         return torch.optim.AdamW(parameter_groups(model, self.weight_decay), **self.kwargs)
 
 

@@ -11,7 +11,12 @@ from typing import Protocol
 import torch
 
 from mftcoder.balance import Balancer
+from mftcoder.codeeval.evaluate import generate_completions, load_problems
+from mftcoder.codeeval.problems import benchmark_name
+from mftcoder.codeeval.sandbox import Limits, Sandbox, SandboxError
+from mftcoder.codeeval.score import execute, summarize
 from mftcoder.config import Config, ConfigError
+from mftcoder.infer import Sampling
 from mftcoder.train.distributed import DistEnv
 from mftcoder.train.validation import Validation
 
@@ -49,11 +54,6 @@ class GenerationPassRate:
     evaluation's completions and verdicts go to output_dir/generation_eval/step-N.jsonl."""
 
     def __init__(self, config: Config, tokenizer, env: DistEnv, output_dir: Path, sharded: bool):
-        from mftcoder.codeeval.evaluate import load_problems
-        from mftcoder.codeeval.problems import benchmark_name
-        from mftcoder.codeeval.sandbox import Limits, Sandbox, SandboxError
-        from mftcoder.infer import Sampling
-
         limit = max(0, config.generation_eval_problems)  # -1: all
         self.problems = load_problems(config.generation_eval, limit, key="generation_eval")
         self.names = ["pass@1", *(f"pass@1/{benchmark_name(name)}" for name in config.generation_eval)]
@@ -66,9 +66,6 @@ class GenerationPassRate:
         self.batch_size, self.folder = config.generation_eval_batch_size, output_dir / "generation_eval"
 
     def __call__(self, runner, model, autocast, step) -> dict[str, float]:
-        from mftcoder.codeeval.evaluate import generate_completions
-        from mftcoder.codeeval.score import execute, summarize
-
         env = self.env
         share = self.problems[env.rank::env.world_size]
         # Sharded weights: every rank runs as many generation batches and forward passes (synced_gpus), padded

@@ -12,12 +12,13 @@ import torch
 from tqdm import tqdm
 
 from mftcoder.config import Config, forward_token_limit
-from mftcoder.families import (CheckContext, check_attention, check_runner, computes_in_float32, packs_as_one_row,
-                               probe_samples)
+from mftcoder.families import check_attention, computes_in_float32, packs_as_one_row
 from mftcoder.loss import SupervisedLM
 from mftcoder.model import load_base_model, prepare_for_training, save_dtype
 from mftcoder.train import checkpoint as ckpt
-from mftcoder.train.distributed import DistEnv, OptimizerSpec, Parallelism, make_parallelism, reshard
+from mftcoder.train.distributed import DistEnv, OptimizerSpec, Parallelism, reshard
+from mftcoder.train.engines import make_parallelism
+from mftcoder.train.model_checks import CheckContext, check_runner, probe_samples
 from mftcoder.train.run_folder import RANDOM_BASE
 from mftcoder.train.sharded_load import RankZeroLoad
 
