@@ -21,7 +21,7 @@ from mftcoder.data.batching import Sample, arrange_rows, collate, micro_batches,
 from mftcoder.data.records import BadRecord, parse_json_object
 from mftcoder.data.template import ModelTemplate
 from mftcoder.data.tokenize import ChunkEncoder
-from mftcoder.loss import StepCounts, SupervisedLM, TaskTotals
+from mftcoder.loss import SupervisedLM, TaskTotals
 from mftcoder.model import load_base_model
 from mftcoder.objectives import StepLoss, make_objective
 from mftcoder.objectives.pairs import PreferencePairs, pair_turns, sequence_sums
@@ -267,6 +267,16 @@ def test_lora_dpo_run_starts_at_ln2_resumes_bitwise_and_evaluates_like_the_plain
             h = (logps["policy"][0] - logps["base"][0]) - (logps["policy"][1] - logps["base"][1])
             losses.append(math.log1p(math.exp(-0.1 * h)))
         assert full.evaluations[-1][f"loss/{task.task.name}"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
+    # What DPO produces is a checkpoint like SFT's: merged, then generating from a pair's prompt.
+    from mftcoder.cli import main
+
+    assert main(["merge", "--base_model_or_path", str(tmp_path / "full" / RANDOM_BASE), "--adaptor_path",
+                 str(full.final_checkpoint), "--merged_output_path", str(tmp_path / "merged")]) == 0
+    prompt = {"chat_rounds": [{"role": "human", "content": "Write a function that adds two numbers."}]}
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(prompt) + "\n")
+    assert main(["generate", "--model", str(tmp_path / "merged"), "--input", str(tmp_path / "prompts.jsonl"),
+                 "--output", str(tmp_path / "out.jsonl"), "--max_new_tokens", "4"]) == 0
+    assert len(json.loads((tmp_path / "out.jsonl").read_text())["generations"]) == 1
 
 
 def test_full_fine_tuning_reference_is_computed_once_and_kept_with_the_run(pair_tasks, tmp_path):
