@@ -25,7 +25,7 @@ from mftcoder.objectives.base import RunParts
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, shutdown
 from mftcoder.train.evaluators import make_evaluators
-from mftcoder.train.metrics import MetricsLogger, note
+from mftcoder.train.metrics import Interval, MetricsLogger, note
 from mftcoder.train.plots import write_curves
 from mftcoder.train.run_folder import RunFolder, clear_earlier_runs
 from mftcoder.train.stop import StopAtStepEnd
@@ -46,7 +46,7 @@ class RunResult:
     step_losses: list[float] = field(default_factory=list)  # the objective of each step run in this process
     evaluations: list[dict] = field(default_factory=list)
     tokens_seen: int = 0  # real (non-pad) input tokens trained on, all ranks
-    supervised_tokens_seen: int = 0  # tokens that carried loss, all ranks
+    supervised_tokens_seen: int = 0  # loss units (supervised tokens; pairs for a preference objective), all ranks
     train_seconds: float = 0.0  # wall time of the optimizer steps (no evaluation, no saving)
     stopped_by: int = 0  # the signal (SIGTERM, SIGINT) that ended the run early after a checkpoint, 0 if none
 
@@ -74,19 +74,6 @@ def accumulate_gradients(runner: torch.nn.Module, batches: list[Batch], objectiv
         step_loss += float(loss.detach())
         totals.add_stats(output[1])
     return float(env.all_reduce_sum(torch.tensor([step_loss], dtype=torch.float64))[0])
-
-
-@dataclass
-class Interval:
-    """What happened since the last log line."""
-
-    totals: TaskTotals
-    losses: list[float] = field(default_factory=list)
-    tokens: int = 0
-    capacity: int = 0  # token slots of the batches, padding included
-    grad_norm: float = float("nan")
-    balance: dict = field(default_factory=dict)  # the balancer's metrics (task weights) of the last step
-    started: float = field(default_factory=time.perf_counter)
 
 
 class Trainer:

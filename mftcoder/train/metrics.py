@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
+
+from mftcoder.loss import TaskTotals
 
 
 def _set_aside(path: Path) -> None:
@@ -83,3 +87,16 @@ class MetricsLogger:
             self.jsonl.close()
             self.writer.close()
             self.jsonl = self.writer = None
+
+
+@dataclass
+class Interval:
+    """What happened since the last log line."""
+
+    totals: TaskTotals
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    capacity: int = 0  # token slots of the batches, padding included
+    grad_norm: float = float("nan")
+    balance: dict = field(default_factory=dict)  # the balancer's metrics (task weights) of the last step
+    started: float = field(default_factory=time.perf_counter)
