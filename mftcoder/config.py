@@ -84,6 +84,7 @@ class Config:
     preprocessing_num_workers: int | None = opt(None, "Processes for tokenization (default: CPU count, used only for large data).", section="data", valid=POSITIVE_INT)
     load_raw_dataset: bool = opt(True, "Reference placeholder: raw JSONL is the only input; must be true.", section="data")
     tokenize_mode: str = opt("sft", "Reference placeholder: only 'sft' (chat samples with a bot-turn loss mask).", ("sft",), section="data")
+    pretrain_file_extensions: list[str] = opt([".py"], "objective pretrain: besides {\"content\": ...} JSONL records, every file under a task folder whose name ends with one of these is read whole as one document, e.g. ['.py', '.js']; [] for JSONL only. Read only with objective: pretrain.", section="data")
 
     # --- model ------------------------------------------------------------------------------
     pretrained_model_path: str | None = opt(None, "Local Hugging Face model directory to fine-tune.", section="model")
@@ -472,6 +473,12 @@ def validate(config: Config, given: set[str]) -> list[str]:
         problem = task_name_problem(task_name)
         if problem:
             raise ConfigError(f"tasks: task name {brief(task_name)} {problem}")
+    for extension in config.pretrain_file_extensions:
+        if not (isinstance(extension, str) and len(extension) > 1 and extension.startswith(".") and "/" not in extension):
+            raise ConfigError(f"pretrain_file_extensions: {brief(extension)} is not a file name ending like '.py'")
+        if extension == ".jsonl":
+            raise ConfigError("pretrain_file_extensions: '.jsonl' files are always read, as {\"content\": ...} records, "
+                              "never as source text; leave it out")
     if not config.load_raw_dataset:
         raise ConfigError("load_raw_dataset: only raw JSONL input is supported; set it to true (or leave it out)")
     if config.fp16:
@@ -499,6 +506,9 @@ def validate(config: Config, given: set[str]) -> list[str]:
         raise ConfigError(f"task_weights: fixed weights do not combine with weighted_loss_mode: "
                           f"{config.weighted_loss_mode}, which sets the weights itself; remove one of them")
     notices = [PLACEHOLDER_NOTICES[k] for k in sorted(given) if k in PLACEHOLDER_NOTICES]
+    if "pretrain_file_extensions" in given and config.objective != "pretrain":
+        notices.append(f"pretrain_file_extensions is read only with objective: pretrain (this run has objective: "
+                       f"{config.objective}); task folders are read for their .jsonl files")
     if valid_share == 0 and config.evaluation_strategy != "no" and not config.generation_eval:
         notices.append(f"data_split {config.data_split!r} leaves no validation samples, so evaluation_strategy: "
                        f"{config.evaluation_strategy} never evaluates (no validation loss, no best checkpoint); give "

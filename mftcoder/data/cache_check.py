@@ -54,9 +54,15 @@ def cache_problem(directory: Path, num_files: int, vocab_size: int, cache_format
     parts = meta.get("parts", 1)  # sequences per record
     if not isinstance(parts, int) or parts < 1 or records % parts:
         return f"index.npz holds {records} sequences, not whole records of {parts}"
-    if meta["num_lines"] != records // parts + len(meta["errors"]):
-        return (f"meta.json counts {meta['num_lines']} lines, but holds {records // parts} records and "
-                f"{len(meta['errors'])} errors")
+    kept = records // parts
+    chunk_length = meta.get("chunk_length")  # pretraining: a document is one or more records of at most this length
+    if chunk_length is not None:
+        if not isinstance(chunk_length, int) or chunk_length < 2 or (records and np.diff(starts).max() > chunk_length):
+            return f"index.npz holds records longer than the chunk length {chunk_length} of meta.json"
+        kept = int(records and 1 + np.count_nonzero((np.diff(file_index) != 0) | (np.diff(lines) != 0)))
+    if meta["num_lines"] != kept + len(meta["errors"]):
+        what = "documents" if chunk_length is not None else "records"
+        return f"meta.json counts {meta['num_lines']} lines, but holds {kept} {what} and {len(meta['errors'])} errors"
     ids = np.memmap(directory / "ids.bin", dtype=np.int32, mode="r") if tokens else np.zeros(0, np.int32)
     mask = np.memmap(directory / "mask.bin", dtype=np.uint8, mode="r") if tokens else np.zeros(0, np.uint8)
     for start in range(0, tokens, CHUNK):

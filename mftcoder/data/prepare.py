@@ -87,9 +87,33 @@ def apply_length_policy(data: TokenizedTask, seq_length: int, over_length: str) 
     }
 
 
+def line_starts(data: TokenizedTask) -> np.ndarray:
+    """The first record of each line (a JSONL line or a whole source file) that kept records: one per line for SFT
+    and preference pairs, one or more (a document's chunks, adjacent) for pretraining."""
+    files, lines = np.asarray(data.file_index[::data.parts]), np.asarray(data.lines[::data.parts])
+    if not len(lines):
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([[0], np.flatnonzero((np.diff(files) != 0) | (np.diff(lines) != 0)) + 1]).astype(np.int64)
+
+
+def split_by_line(data: TokenizedTask, fractions: tuple[float, float, float], seed: int,
+                  shuffle: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train/valid/test record indices, a line's records all in one split (a document's chunks never straddle
+    training and validation). With one record per line this is split_indices over the records, value for value."""
+    first = line_starts(data)
+    sizes = np.diff(np.append(first, len(data)))
+
+    def records_of(chosen: np.ndarray) -> np.ndarray:
+        counts = sizes[chosen]
+        return np.repeat(first[chosen] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum(), dtype=np.int64)
+
+    split = split_indices(len(first), fractions, seed, data.task.name, shuffle)
+    return records_of(split[0]), records_of(split[1]), records_of(split[2])
+
+
 def prepare_task(data: TokenizedTask, config: Config) -> TaskSamples:
     policy = apply_length_policy(data, config.seq_length, config.over_length)
-    train, valid, test = split_indices(len(data), split_fractions(config.data_split), config.seed, data.task.name,
+    train, valid, test = split_by_line(data, split_fractions(config.data_split), config.seed,
                                        config.shuffle_before_split)
     kept = policy["kept"]
     return TaskSamples(data, config.seq_length, train=train[kept[train]], valid=valid[kept[valid]],
@@ -99,11 +123,11 @@ def prepare_task(data: TokenizedTask, config: Config) -> TaskSamples:
 def prepare_data(config: Config, tokenizer, template: Template, raise_on_bad: bool = True,
                  records: Conversations | None = None) -> PreparedData:
     """Discover, tokenize (or read the cache), apply the length policy and split every task. `records`: what a
-    record holds (the objective's; default SFT's conversations).
+    record holds and which files a task reads (the objective's; default SFT's conversations in JSONL).
 
     Under on_bad_record=error any bad record raises DataError listing all of them (after reading every task).
     """
-    tasks = discover_tasks(config.data_paths, config.tasks)
+    tasks = discover_tasks(config.data_paths, config.tasks, (records or Conversations()).suffixes)
     cache_root = Path(config.data_cache_dir) if config.data_cache_dir else None
     rebuild_before = time.time() if config.overwrite_cache else None  # older caches only: not one a rank just built
     per_task = [prepare_task(load_tokenized(t, tokenizer, template, cache_root, config.preprocessing_num_workers,
@@ -149,5 +173,20 @@ def check_report(prepared: PreparedData) -> str:
             "the characters it is, never as a control token")
     pairs = ("each record is a preference pair: truncated counts pairs with either answer cut to seq_length, "
              "supervised the tokens of both answers, lengths both sequences together")
-    return "\n".join(lines + [pairs] * any(t.data.parts == 2 for t in prepared.per_task)
+    return "\n".join(lines + [pairs] * any(t.data.parts == 2 for t in prepared.per_task) + _chunk_notes(prepared)
                      + [note] * any(t.data.as_text for t in prepared.per_task))
+
+
+def _chunk_notes(prepared: PreparedData) -> list[str]:
+    """For pretraining tasks: how many documents were cut into chunks (nothing is truncated or dropped)."""
+    notes = []
+    for t in prepared.per_task:
+        if t.data.chunk_length is not None:
+            first = line_starts(t.data)
+            sizes = np.diff(np.append(first, len(t.data)))
+            notes.append(f"{t.task.name}: {len(first)} document(s), {int((sizes > 1).sum())} of them longer than "
+                         f"{t.data.chunk_length} tokens and cut into chunks; {len(t.data)} chunk(s) in all")
+    if notes:
+        notes.append("pretraining: the kept/train/valid/test columns count chunks; a long document's chunks overlap by "
+                     "one token, so every token after its first is a target exactly once (none truncated)")
+    return notes

@@ -17,7 +17,7 @@ from mftcoder.data.records import DataError
 
 @dataclass(frozen=True)
 class Task:
-    """One task: its id (position in the run's task list), name, folder, JSONL files (sorted), and a
+    """One task: its id (position in the run's task list), name, folder, data files (sorted), and a
     `path: reason` line for each entry under the folder that was skipped."""
 
     id: int
@@ -27,11 +27,11 @@ class Task:
     skipped: tuple[str, ...] = ()
 
 
-def find_jsonl(folder: Path) -> tuple[list[Path], list[str]]:
-    """The `*.jsonl` files under a folder, sorted, and a `path: reason; skipped` line for each entry left out.
-    Symlinks are followed (to files and folders); a folder reached a second time (a symlink loop, or two links
-    to one folder) is read once. Left out: a `*.jsonl` that is not a regular file (a FIFO, socket or device; it
-    is never opened), broken or looping symlinks, folders that cannot be read."""
+def find_jsonl(folder: Path, suffixes: tuple[str, ...] = (".jsonl",)) -> tuple[list[Path], list[str]]:
+    """The `*.jsonl` files (or files ending in any of `suffixes`) under a folder, sorted, and a `path: reason;
+    skipped` line for each entry left out. Symlinks are followed (to files and folders); a folder reached a second
+    time (a symlink loop, or two links to one folder) is read once. Left out: a data file that is not a regular file
+    (a FIFO, socket or device; it is never opened), broken or looping symlinks, folders that cannot be read."""
     files: list[Path] = []
     skipped: list[str] = []
     seen: dict[tuple[int, int], Path] = {}
@@ -61,7 +61,7 @@ def find_jsonl(folder: Path) -> tuple[list[Path], list[str]]:
                 continue
             if stat.S_ISDIR(mode):
                 pending.append(path)
-            elif entry.name.endswith(".jsonl"):
+            elif entry.name.endswith(suffixes):
                 if stat.S_ISREG(mode):
                     files.append(path)
                 else:
@@ -70,8 +70,10 @@ def find_jsonl(folder: Path) -> tuple[list[Path], list[str]]:
     return sorted(files), skipped
 
 
-def discover_tasks(data_paths: list[str], task_map: dict[str, str] | None = None) -> list[Task]:
-    """Tasks from folders (name = basename) and an explicit {name: folder} map; all problems in one error."""
+def discover_tasks(data_paths: list[str], task_map: dict[str, str] | None = None,
+                   suffixes: tuple[str, ...] = (".jsonl",)) -> list[Task]:
+    """Tasks from folders (name = basename) and an explicit {name: folder} map; all problems in one error.
+    `suffixes`: the endings of a task's data files (the objective's records say which)."""
     named = [(Path(p).resolve().name, Path(p)) for p in data_paths] + [(n, Path(p)) for n, p in (task_map or {}).items()]
     problems: list[str] = []
     if not named:
@@ -91,9 +93,9 @@ def discover_tasks(data_paths: list[str], task_map: dict[str, str] | None = None
         if not path.is_dir():
             problems.append(f"{path}: task folder does not exist" if not path.exists() else f"{path}: not a folder")
             continue
-        files, skipped = find_jsonl(path)
+        files, skipped = find_jsonl(path, suffixes)
         if not files:
-            problems.append(f"{path}: no .jsonl files under this folder"
+            problems.append(f"{path}: no {' or '.join(suffixes)} files under this folder"
                             + (f" ({len(skipped)} entries skipped: {skipped[0]}{', ...' if len(skipped) > 1 else ''})"
                                if skipped else ""))
             continue

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -129,18 +129,36 @@ def encode_conversations(tokenizer, template: Template, conversations: list[tupl
     return out
 
 
+Job = tuple[str, list[tuple[int, str | BadRecord]]]  # a file's path and some of its (line number, text)
+
+
 class Conversations:
     """What a record holds for SFT: one conversation, every bot turn supervised. An objective with other records
-    (a preference pair: two conversations, only the last answer supervised) overrides these."""
+    (a preference pair: two conversations, only the last answer supervised; raw text for pretraining) overrides
+    these: what a record's conversations are, or which files a task reads, how they become jobs and how a job is
+    tokenized (`encoder`, a picklable callable with ChunkEncoder's contract)."""
 
     parts = 1  # sequences per record, kept together as one example
     last_answer_only = False
+    suffixes: tuple[str, ...] = (".jsonl",)  # the task folder's data files end with one of these
 
     def conversations(self, record: dict) -> tuple[tuple[Turn, ...], ...]:
         return (record_turns(record),)
 
     def cache_tag(self) -> str:
         return "sft"
+
+    def encoder(self, tokenizer, template: "Template", seq_length: int | None) -> Callable[[Job], "EncodedChunk"]:
+        """What tokenizes a job (records far longer than seq_length may be cut first)."""
+        return ChunkEncoder(tokenizer, template, seq_length, self)
+
+    def jobs(self, task: Task) -> Iterator[Job]:
+        """The task's files as jobs for the encoder: lines of JSONL, CHUNK_LINES at a time."""
+        return _chunks(task)
+
+    def cache_meta(self) -> dict:
+        """Extra meta.json fields of a task's cache (what cache_problem checks beyond the defaults)."""
+        return {}
 
 
 @dataclass
@@ -265,6 +283,7 @@ class TokenizedTask:
     digest: str = ""  # of the tokenized records: what resume compares
     cut: int = 0  # records cut before tokenizing (each over seq_length: truncated or dropped like the others)
     parts: int = 1  # sequences per record (a preference pair: 2), stored one after another
+    chunk_length: int | None = None  # documents cut into records of at most this many tokens (pretraining)
 
     def __len__(self) -> int:
         return (len(self.starts) - 1) // self.parts
@@ -335,13 +354,14 @@ def _single_threaded_worker() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _run_encoder(task: Task, encoder: ChunkEncoder, workers: int) -> Iterator[EncodedChunk]:
-    """Encode the task chunk by chunk, in order; in worker processes when the data is large enough."""
+def _run_encoder(task: Task, encoder: Callable[[Job], EncodedChunk], workers: int,
+                 jobs: Iterator[Job]) -> Iterator[EncodedChunk]:
+    """Encode the task's jobs, in order; in worker processes when the data is large enough."""
     total_bytes = sum(p.stat().st_size for p in task.files)
     if workers > 1 and total_bytes >= PARALLEL_MIN_BYTES:
-        chunks = ordered_map(encoder, _chunks(task), workers, _single_threaded_worker)
+        chunks = ordered_map(encoder, jobs, workers, _single_threaded_worker)
     else:
-        chunks = (encoder(job) for job in _chunks(task))
+        chunks = (encoder(job) for job in jobs)
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenize {task.name}", leave=False,
               disable=None) as progress, contextlib.closing(chunks):  # closing it ends the workers
         for chunk in chunks:
@@ -357,8 +377,7 @@ def build_cache(task: Task, tokenizer, template: Template, directory: Path, work
     tmp.mkdir(parents=True)
     try:
         records = records or Conversations()
-        _write_cache(task, ChunkEncoder(tokenizer, template, seq_length, records), tmp, workers, seq_length,
-                     records.parts)
+        _write_cache(task, records.encoder(tokenizer, template, seq_length), tmp, workers, seq_length, records)
         os.rename(tmp, directory)
     except OSError:  # fine if another process finished the same cache first
         if not directory.is_dir():
@@ -367,14 +386,14 @@ def build_cache(task: Task, tokenizer, template: Template, directory: Path, work
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_cache(task: Task, encoder: ChunkEncoder, tmp: Path, workers: int, seq_length: int | None,
-                 parts: int = 1) -> None:
+def _write_cache(task: Task, encoder: Callable[[Job], EncodedChunk], tmp: Path, workers: int,
+                 seq_length: int | None, records: Conversations) -> None:
     """The cache's files in `tmp`; the worker processes are ended whichever way this returns."""
     starts, file_index, lines, errors = [0], [], [], []
     num_lines = as_text = cut = 0
     digest = hashlib.sha256()
     file_ids = {str(p): i for i, p in enumerate(task.files)}
-    chunks = _run_encoder(task, encoder, workers)
+    chunks = _run_encoder(task, encoder, workers, records.jobs(task))
     with open(tmp / "ids.bin", "wb") as ids_out, open(tmp / "mask.bin", "wb") as mask_out, contextlib.closing(chunks):
         for chunk in chunks:
             for array, out in ((chunk.ids, ids_out), (chunk.mask, mask_out), (chunk.lengths, None)):
@@ -387,13 +406,13 @@ def _write_cache(task: Task, encoder: ChunkEncoder, tmp: Path, workers: int, seq
             file_index.extend([file_ids[chunk.path]] * len(chunk.lengths))
             lines.extend(chunk.lines.tolist())
             errors.extend(chunk.errors)
-            num_lines += len(chunk.lengths) // parts + len(chunk.errors)
+            num_lines += len(np.unique(chunk.lines)) + len(chunk.errors)  # a line's sequences share its line
     np.savez(tmp / "index.npz", starts=np.array(starts, dtype=np.int64), file_index=np.array(file_index, dtype=np.int32),
              lines=np.array(lines, dtype=np.int32))
     meta = {"format": CACHE_FORMAT, "task": task.name, "files": [str(p) for p in task.files],
             "errors": errors, "num_lines": num_lines, "num_tokens": starts[-1], "as_text": as_text,
             "digest": digest.hexdigest()[:32], "built_at": time.time(), "cut": cut,
-            "cut_for": seq_length if cut else None, "parts": parts}
+            "cut_for": seq_length if cut else None, "parts": records.parts, **records.cache_meta()}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -442,4 +461,5 @@ def load_tokenized(task: Task, tokenizer, template: Template, cache_root: Path |
     index = np.load(directory / "index.npz")
     return TokenizedTask(task, _memmap(directory / "ids.bin", np.int32), _memmap(directory / "mask.bin", np.uint8),
                          index["starts"], index["file_index"], index["lines"], meta["errors"], meta["num_lines"],
-                         from_cache, meta["as_text"], meta["digest"], meta.get("cut", 0), meta.get("parts", 1))
+                         from_cache, meta["as_text"], meta["digest"], meta.get("cut", 0), meta.get("parts", 1),
+                         meta.get("chunk_length"))

@@ -6,12 +6,14 @@ from __future__ import annotations
 from mftcoder.config import Config
 from mftcoder.objectives.base import Objective, StepLoss
 from mftcoder.objectives.preference import DirectPreference, OddsRatioPreference
+from mftcoder.objectives.pretrain import Pretraining
 from mftcoder.objectives.sft import SupervisedFineTuning
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "sft": SupervisedFineTuning,
     "dpo": DirectPreference,
     "orpo": OddsRatioPreference,
+    "pretrain": Pretraining,
 }
 
 
