@@ -100,7 +100,7 @@ def _numeric_fields() -> dict[str, tuple]:
 
 def test_every_numeric_key_has_a_range_that_is_enforced():
     numeric = _numeric_fields()
-    assert len(numeric) == 45 and {"max_grad_norm", "data_weights", "coba_tau", "generation_eval_timeout"} <= set(numeric)
+    assert len(numeric) == 47 and {"max_grad_norm", "data_weights", "coba_tau", "generation_eval_timeout", "beta", "rpo_alpha"} <= set(numeric)
     defaults = build_config({})[0]
     for name, (f, integer) in numeric.items():
         valid, default = f.metadata["range"], getattr(defaults, name)
