@@ -280,10 +280,6 @@ def test_lora_dpo_run_starts_at_ln2_resumes_bitwise_and_evaluates_like_the_plain
 
 
 def test_full_fine_tuning_reference_is_computed_once_and_kept_with_the_run(pair_tasks, tmp_path):
-    first = train(run_settings(pair_tasks, tmp_path, peft_type=None, max_steps=2, objective="orpo",
-                               evaluation_steps=2))
-    assert math.isfinite(first.step_losses[-1]) and "log_odds_ratio" in first.evaluations[-1]
-    assert not (tmp_path / "reference_logps.npz").exists()  # ORPO has no reference model
     run = train(run_settings(pair_tasks, tmp_path / "dpo", peft_type=None, max_steps=2, xxpo="dpo",
                              weighted_loss_mode="case1"))
     assert run.evaluations[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
