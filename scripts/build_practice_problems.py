@@ -155,12 +155,14 @@ PROBLEMS = [
       "character followed by the run's length.",
       [(("aaabcc",), "a3b1c2"), (("",), ""), (("z",), "z1"), (("aabaa",), "a2b1a2")],
       "def run_length(s):\n    out = []\n    i = 0\n    while i < len(s):\n        j = i\n        while j < len(s) and "
-      "s[j] == s[i]:\n            j += 1\n        out.append(s[i] + str(j - i))\n        i = j\n    return ''.join(out)\n",
+      "s[j] == s[i]:\n            j += 1\n        out.append(s[i] + str(j - i))\n        i = j\n"
+      "    return ''.join(out)\n",
       "def run_length(s):\n    return ''.join(c + str(s.count(c)) for c in dict.fromkeys(s))\n"),
     p("second_largest(nums)", "returns the second largest distinct value in the list `nums`, or None if it has fewer "
       "than two distinct values.",
       [(([4, 1, 3],), 3), (([5, 5, 2],), 2), (([7, 7],), None), (([],), None), (([-1, -2, -3],), -2)],
-      "def second_largest(nums):\n    values = sorted(set(nums))\n    return values[-2] if len(values) >= 2 else None\n",
+      "def second_largest(nums):\n    values = sorted(set(nums))\n"
+      "    return values[-2] if len(values) >= 2 else None\n",
       "def second_largest(nums):\n    values = sorted(nums)\n    return values[-2] if len(values) >= 2 else None\n"),
     p("digit_product(n)", "returns the product of the decimal digits of the positive integer `n`.",
       [((234,), 24), ((7,), 7), ((105,), 0), ((1111,), 1)],
@@ -212,7 +214,8 @@ PROBLEMS = [
     p("pairs_summing_to(nums, target)", "returns how many pairs of positions i < j in the list `nums` have "
       "nums[i] + nums[j] == target.",
       [(([1, 2, 3, 4], 5), 2), (([1, 1, 1], 2), 3), (([], 0), 0), (([5], 10), 0)],
-      "def pairs_summing_to(nums, target):\n    count = 0\n    for i in range(len(nums)):\n        for j in range(i + 1, "
+      "def pairs_summing_to(nums, target):\n    count = 0\n    for i in range(len(nums)):\n"
+      "        for j in range(i + 1, "
       "len(nums)):\n            if nums[i] + nums[j] == target:\n                count += 1\n    return count\n",
       "def pairs_summing_to(nums, target):\n    return sum(1 for a in nums for b in nums if a + b == target)\n"),
     p("to_binary_padded(n, width)", "returns the binary digits of the non-negative integer `n` as a string, padded "
@@ -258,7 +261,8 @@ PROBLEMS = [
     p("merge_counts(a, b)", "takes two dictionaries of numbers and returns a new dictionary with every key of either; "
       "a key in both gets the sum of its two values.",
       [(({"x": 1, "y": 2}, {"y": 3, "z": 4}), {"x": 1, "y": 5, "z": 4}), (({}, {}), {}), (({"k": 1}, {}), {"k": 1})],
-      "def merge_counts(a, b):\n    out = dict(a)\n    for key, value in b.items():\n        out[key] = out.get(key, 0) "
+      "def merge_counts(a, b):\n    out = dict(a)\n    for key, value in b.items():\n"
+      "        out[key] = out.get(key, 0) "
       "+ value\n    return out\n",
       "def merge_counts(a, b):\n    return {**a, **b}\n"),
     p("invert_dict(d)", "returns a new dictionary that maps each value of the dictionary `d` to its key (the values "
