@@ -153,6 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Lazy: codeeval.evaluate and infer import torch and transformers.
     from mftcoder.codeeval.checks import broken_problems
     from mftcoder.codeeval.evaluate import load_problems, open_results, run_eval
+    from mftcoder.codeeval.pairs import MAX_PAIRS_PER_PROBLEM, PairsFile, build_pairs
     from mftcoder.codeeval.sandbox import Limits, Sandbox, SandboxError
     from mftcoder.codeeval.score import read_completions
     from mftcoder.infer import Sampling, load
@@ -171,6 +172,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.completions and not Path(args.completions).is_file():
         raise ConfigError(f"--completions {args.completions}: " + ("is a folder; give a JSONL file of completions"
                           if Path(args.completions).is_dir() else "no such file"))
+    if args.max_pairs_per_problem is not None and args.pairs is None:
+        raise ConfigError("--max_pairs_per_problem: applies to the pairs of --pairs FILE; give --pairs too")
+    if args.pairs is not None and args.completions:
+        raise ConfigError("--pairs: needs --model; pairs are made of the model's own replies, generated here, and a "
+                          "completions file holds only the code taken from them")
+    if args.pairs is not None and n < 2:
+        raise ConfigError("--pairs: needs at least 2 sampled answers per problem to find passing and failing ones: "
+                          "--n 2 or more" + (", without --greedy" if args.greedy else ""))
     try:
         sandbox = Sandbox(Limits(timeout=args.timeout, memory_bytes=int(args.memory_gb * 2**30)), args.isolation)
     except SandboxError as exc:
@@ -181,8 +190,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     default = Path(args.completions).with_name(Path(args.completions).stem + "_results.jsonl") if args.completions \
         else Path(f"eval-{'-'.join(Path(b).stem for b in benchmarks)}.jsonl")
     output = Path(args.output) if args.output else default
-    # a bad completions file, then an unwritable --output, stop here: before the problem check and the model
+    if args.pairs is not None:
+        _check_pairs_path(Path(args.pairs), output, benchmarks)
+    # a bad completions file, then an unwritable --output or --pairs, stop here: before the problem check and the model
     completions = read_completions(Path(args.completions), problems) if args.completions else None
+    pairs = PairsFile(Path(args.pairs)) if args.pairs is not None else None
     results = open_results(output)
     broken = broken_problems(problems, None if args.skip_problem_check else sandbox, args.workers)
     for problem, why in broken.items():
@@ -202,8 +214,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     missing = [k for k in ks if f"pass@{k}" not in report.metrics]
     if missing:
         print(f"note: no pass@{', pass@'.join(map(str, missing))}: some problem has fewer completions than that")
+    if pairs is not None:
+        made, stats = build_pairs(problems, report.rows, args.max_pairs_per_problem or MAX_PAIRS_PER_PROBLEM)
+        pairs.commit(made)
+        print(stats.line(pairs.path))
     print(f"sandbox: {sandbox.describe()}; every completion with its verdict: {output}")
     return 0
+
+
+def _check_pairs_path(pairs: Path, output: Path, benchmarks: list[str]) -> None:
+    """--pairs must name a file of its own: not --output, its summary, nor a problem file."""
+    others = [(output, "the --output file"), (output.with_suffix(".summary.json"), "the summary file of --output")]
+    others += [(Path(name), "a --benchmark file") for name in benchmarks if name != "humaneval"]
+    for other, what in others:
+        if os.path.realpath(pairs) == os.path.realpath(other) or \
+                (pairs.exists() and other.exists() and os.path.samefile(pairs, other)):
+            raise ConfigError(f"--pairs {pairs}: is {what}; give the pairs a file of their own")
 
 
 def _positive(kind: type):
@@ -297,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="sandbox: own PID/mount/network namespaces (when available) or own process group")
     evaluate.add_argument("--output", help="JSONL of every completion with its verdict (default: eval-<benchmark>.jsonl, "
                           "or <completions>_results.jsonl)")
+    evaluate.add_argument("--pairs", help="also write preference pairs (DPO format: chosen/rejected conversations) "
+                          "of passing and failing answers to the same problem to this JSONL file (docs/eval.md)")
+    evaluate.add_argument("--max_pairs_per_problem", type=_positive(int),
+                          help="at most this many pairs per problem (default 4)")
     evaluate.add_argument("--trust_remote_code", action="store_true")
     evaluate.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     evaluate.set_defaults(func=cmd_eval)

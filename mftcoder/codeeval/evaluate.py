@@ -31,8 +31,19 @@ def generate_completions(model, tokenizer, problems: list[Problem], sampling: Sa
     answers = generate(model, tokenizer, [prompts[i] for i in order], sampling, batch_size, progress,
                        stop_when=closed_code_block, synced_gpus=synced_gpus)
     by_problem = dict(zip(order, answers))
-    return [Completion(problem, sample, problem.completion(answer), answer)
+    return [Completion(problem, sample, problem.completion(answer), answer,
+                       reached_token_limit(tokenizer, answer, sampling.max_new_tokens))
             for i, problem in enumerate(problems) for sample, answer in enumerate(by_problem[i])]
+
+
+def reached_token_limit(tokenizer, answer: str, max_new_tokens: int) -> bool:
+    """Whether generation stopped at max_new_tokens rather than where the model ended the answer: no closed code
+    block (generation stops at one) and, tokenized again, at least max_new_tokens - 1 tokens (an answer the model
+    ended has at most that many before its end-of-turn token). Decoding and tokenizing again can give fewer tokens
+    than were sampled, so a cut answer can be missed; an answer that ended one token short of the limit is counted."""
+    if closed_code_block(answer):
+        return False
+    return len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1
 
 
 @dataclass

@@ -27,17 +27,20 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @dataclass
 class Completion:
-    """One sample for one problem; `answer` is the model's raw text when it came from a model."""
+    """One sample for one problem; `answer` is the model's raw text when it came from a model, and `cut` says whether
+    generation stopped at max_new_tokens rather than where the model ended it."""
 
     problem: Problem
     sample: int
     completion: str
     answer: str | None = None
+    cut: bool = False
 
 
 def execute(completions: list[Completion], sandbox: Sandbox, workers: int | None = None,
             progress: bool = True, on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """One result record per completion: task_id, benchmark, sample, completion (answer), passed, status, error;
+    """One result record per completion: task_id, benchmark, sample, completion, passed, status, error, seconds
+    (and a model's answer, max_new_tokens_reached);
     on_row(row) gets each in order as soon as it is known."""
     rows: list[dict] = []
 
@@ -48,6 +51,7 @@ def execute(completions: list[Completion], sandbox: Sandbox, workers: int | None
                "seconds": round(verdict.seconds, 3)}
         if c.answer is not None:
             row["answer"] = c.answer
+            row["max_new_tokens_reached"] = c.cut
         rows.append(row)
         if on_row is not None:
             on_row(row)
