@@ -194,14 +194,21 @@ def live_tensor_bytes() -> int:
 class StepClock:
     """Wall-clock stamps at the end of each optimizer step; the last step can run under the TensorBytes meter."""
 
-    def __init__(self, metered_step: int | None, meter_class=None):
+    def __init__(self, metered_step: int | None, meter_class=None, profiled_step: int | None = None):
         self.stamps: list[float] = []
         self.metered_step = metered_step  # 1-based step that runs under the meter (not timed)
         self.meter_class = meter_class
         self.meter = None
         self.meter_start = 0
+        self.profiled_step = profiled_step  # 1-based step that runs under torch.profiler (its own run: not timed)
+        self.profiler = None
 
     def begin(self, step: int) -> None:
+        if step == self.profiled_step:
+            import torch
+
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
         if step == self.metered_step:
             import torch
 
@@ -212,7 +219,15 @@ class StepClock:
     def end(self, step: int) -> None:
         if step == self.metered_step and self.meter is not None:
             self.meter.__exit__(None, None, None)
+        if step == self.profiled_step and self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
         self.stamps.append(time.perf_counter())
+
+    def profile_table(self, rows: int = 25) -> str:
+        """The profiled step's operators by self CPU time (torch.profiler's own table)."""
+        if self.profiler is None:
+            return ""
+        return self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
     def summary(self, started: float) -> dict:
         """first: the first step (warm-up included); steps: the following steps' durations (not the metered one)."""
@@ -221,6 +236,8 @@ class StepClock:
         out = {"first_step_s": stamps[0] - started if stamps else None, "step_s": durations}
         if self.meter is not None:
             out.update(meter_start=self.meter_start, meter_peak=self.meter.peak)
+        if self.profiler is not None:
+            out["profile"] = self.profile_table()
         return out
 
 

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = rounds[0][args.variants[0]]["versions"]["threads"]
     header = [f"### DPO reference model on SmolLM2-135M-Instruct: {args.pairs} pairs, batches of 8, {args.steps} timed "
               "steps", "", f"- Machine: {common.machine_line()}, torch threads per worker {threads}; shared with other "
-              f"people's tests while this ran (see *other load*); {common.code_line()}", ""]
+              f"people's tests while this ran (see *other load*); {common.code_line()}", "", ""]
     text = "\n".join(header) + report(rounds, args, (time.perf_counter() - started) / 60)
     print("\n" + text)
     (work / "report.md").write_text(text + "\n")

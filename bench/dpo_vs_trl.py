@@ -84,8 +84,8 @@ def worker_mftcoder(spec: dict) -> dict:
     from mftcoder.train.loop import Trainer
     from mftcoder.train.memory_meter import TensorBytes
 
-    check = spec["mode"] == "check"
-    steps = 1 if check else spec["steps"] + 2
+    check, profile = spec["mode"] == "check", spec["mode"] == "profile"
+    steps = 1 if check else 2 if profile else spec["steps"] + 2
     started = time.perf_counter()
     trainer = Trainer(mftcoder_config(spec, steps), DistEnv())
     setup_s = time.perf_counter() - started
@@ -103,7 +103,7 @@ def worker_mftcoder(spec: dict) -> dict:
         result["sequences"] = [[seq[0].tolist() for seq in task.sequences(r)] for r in records]
         result["masks"] = [[seq[1].tolist() for seq in task.sequences(r)] for r in records]
         result["before"] = mftcoder_pairs(trainer, rows)
-    clock = common.StepClock(None if check else steps, TensorBytes)
+    clock = common.StepClock(None if check or profile else steps, TensorBytes, 2 if profile else None)
     inner, count = trainer.train_step, [0]
 
     def timed_step(batches):
@@ -134,8 +134,8 @@ def worker_trl(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    check = spec["mode"] == "check"
-    steps = 1 if check else spec["steps"] + 2
+    check, profile = spec["mode"] == "check", spec["mode"] == "profile"
+    steps = 1 if check else 2 if profile else spec["steps"] + 2
     pairs = [json.loads(line) for line in (Path(spec["data"]) / "data.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list([common.conversational(p) for p in pairs])
     tokenizer = AutoTokenizer.from_pretrained(common.SMOLLM2)
@@ -155,7 +155,7 @@ def worker_trl(spec: dict) -> dict:
         peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=common.LLAMA_LIKE,
                                  task_type="CAUSAL_LM")
     meter_class = common.tensor_bytes_meter()
-    clock = common.StepClock(None if check else steps, meter_class)
+    clock = common.StepClock(None if check or profile else steps, meter_class, 2 if profile else None)
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -324,12 +324,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads in every worker (default: torch's, one per core); on a machine shared "
                              "with other work, 1 avoids threads waiting on each other")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile each framework's second step (torch.profiler, operators by self CPU time)")
     parser.add_argument("--no-one-pass", action="store_true",
                         help="leave out the mftcoder variant that runs each batch in one forward pass")
     parser.add_argument("--work", type=Path, default=None, help="keep the workers' folders and logs here")
     parser.add_argument("--report", type=Path, default=None, help="also write the Markdown here")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
+    args.skip_check = args.skip_check or args.profile
     if not (common.SMOLLM2 / "config.json").is_file():
         sys.exit(f"{common.SMOLLM2} is missing (scripts/get_smollm2.py)")
     if not Path(args.trl_python).is_file():
@@ -373,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"{versions.get('peft')}, torch {versions.get('torch')}; mftcoder side: transformers "
                      f"{checked[0]['versions'].get('transformers')}, peft {checked[0]['versions'].get('peft')}")
         lines += ["", "#### One update on the same 8 pairs", "", *check_section(*checked, common.SMOLLM2)]
+    if args.profile:
+        for name, run in (("mftcoder", mft), ("TRL", trl)):
+            profiled = run("profile", data_all, f"profile-{name.lower()}")
+            lines += ["", f"#### Profile of one step: {name} (step time {profiled['step_s'][0]:.1f} s under the "
+                      "profiler)", "", "```", profiled["profile"], "```"]
+        args.rounds = 0
     rounds = []
     if args.rounds:
         print(f"timing: {args.rounds} interleaved rounds, {args.pairs} pairs, 1 + {args.steps} + 1 (metered) steps")
