@@ -27,7 +27,7 @@ class AdapterOffReference:
 
     def __call__(self, runner: torch.nn.Module, batch: Batch) -> torch.Tensor:
         with torch.no_grad(), self.model.disable_adapter():
-            _, token_losses = runner(batch)
+            _, token_losses = runner(batch, keep_graph=True)  # the policy's output-layer code (no graph: no_grad)
         return -token_losses
 
 
@@ -108,7 +108,7 @@ def compute_tables(config: Config, parts) -> list[np.ndarray]:
                               desc="reference log-probs", disable=not env.is_main, leave=False):
         batch = reader[rows_of_batch].to(env.device)
         with parts.autocast:
-            _, token_losses = runner(batch)
+            _, token_losses = runner(batch, keep_graph=True)  # the policy's output-layer code (no graph: no_grad)
         if not rows_of_batch:
             continue
         sums = sequence_sums(batch, -token_losses)[0].cpu().numpy()  # pairs in example order: their order in rows
