@@ -180,6 +180,8 @@ ALIASES = {
     "max_train_steps": "max_steps",
     "xxpo": "objective",
 }
+OBJECTIVE_KEYS = {"beta": ("dpo", "orpo"), "dpo_loss": ("dpo",), "rpo_alpha": ("dpo",),
+                  "pretrain_file_extensions": ("pretrain",)}  # keys only these objectives read
 _NULL_STRINGS = {"", "none", "null", "false"}
 PLACEHOLDER_NOTICES = {
     "train_iters": "train_iters is a placeholder (as in the reference): it does not set the number of steps; use max_steps.",
@@ -506,9 +508,10 @@ def validate(config: Config, given: set[str]) -> list[str]:
         raise ConfigError(f"task_weights: fixed weights do not combine with weighted_loss_mode: "
                           f"{config.weighted_loss_mode}, which sets the weights itself; remove one of them")
     notices = [PLACEHOLDER_NOTICES[k] for k in sorted(given) if k in PLACEHOLDER_NOTICES]
-    if "pretrain_file_extensions" in given and config.objective != "pretrain":
-        notices.append(f"pretrain_file_extensions is read only with objective: pretrain (this run has objective: "
-                       f"{config.objective}); task folders are read for their .jsonl files")
+    for key, objectives in OBJECTIVE_KEYS.items():
+        if key in given and config.objective not in objectives:
+            notices.append(f"{key} is read only with objective: {' or '.join(objectives)} (this run has objective: "
+                           f"{config.objective}); it is ignored")
     if valid_share == 0 and config.evaluation_strategy != "no" and not config.generation_eval:
         notices.append(f"data_split {config.data_split!r} leaves no validation samples, so evaluation_strategy: "
                        f"{config.evaluation_strategy} never evaluates (no validation loss, no best checkpoint); give "

@@ -323,3 +323,12 @@ def test_two_ranks_under_fsdp_equal_one_rank_with_the_reference_computed_sharded
     evals = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in line]
     assert evals[-1]["rewards/margins"] == pytest.approx(single.evaluations[-1]["rewards/margins"], rel=1e-4)
+
+
+def test_keys_of_another_objective_are_named_as_ignored():
+    config, notices = build_config({"beta": 0.2, "rpo_alpha": 0.5})
+    assert config.objective == "sft"
+    assert [n for n in notices if "read only with objective" in n] == [
+        "beta is read only with objective: dpo or orpo (this run has objective: sft); it is ignored",
+        "rpo_alpha is read only with objective: dpo (this run has objective: sft); it is ignored"]
+    assert build_config({"xxpo": "orpo", "beta": 0.2})[0].objective == "orpo"

@@ -80,7 +80,8 @@ def sequence_sums(batch: Batch, values: torch.Tensor) -> tuple[torch.Tensor, tor
     task = torch.zeros(len(unique), dtype=torch.long, device=mask.device)
     task[inverse] = batch.token_task[mask]
     order = torch.argsort(key)
-    if len(order) % 2 or not bool((key[order] % 2 == torch.arange(len(order), device=key.device) % 2).all()):
+    sorted_key = key[order]
+    if len(order) % 2 or not bool(((sorted_key[0::2] % 2 == 0) & (sorted_key[1::2] == sorted_key[0::2] + 1)).all()):
         raise RuntimeError("a preference pair was split across passes (a bug: pairs stay in one pass)")
     return sums[order].view(-1, 2), sizes[order].view(-1, 2).to(values.device), task[order].view(-1, 2)[:, 0]
 

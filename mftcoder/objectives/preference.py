@@ -98,7 +98,8 @@ class OddsRatioPreference(PreferenceObjective):
 
     def pair_losses(self, policy, sizes, reference):
         mean = policy / sizes
-        log_odds = mean - torch.log(-torch.expm1(mean))
+        # log(1 - e^x) with x kept below 0: an answer predicted with certainty (x = 0 in float) would give -inf
+        log_odds = mean - torch.log(-torch.expm1(mean.clamp(max=-1e-7)))
         ratio = log_odds[:, 0] - log_odds[:, 1]
         nll = -mean[:, 0]
         losses = nll - self.beta * F.logsigmoid(ratio)
