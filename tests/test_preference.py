@@ -332,3 +332,16 @@ def test_keys_of_another_objective_are_named_as_ignored():
         "beta is read only with objective: dpo or orpo (this run has objective: sft); it is ignored",
         "rpo_alpha is read only with objective: dpo (this run has objective: sft); it is ignored"]
     assert build_config({"xxpo": "orpo", "beta": 0.2})[0].objective == "orpo"
+
+
+def test_the_shipped_demo_pairs_are_what_their_builder_writes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mftcoder.model import DEMO_PAIRS
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_pairs.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], check=True)
+    for task in ("code_docstring_pairs", "code_generation_pairs"):
+        assert (tmp_path / task / "train.jsonl").read_bytes() == (DEMO_PAIRS / task / "train.jsonl").read_bytes()
