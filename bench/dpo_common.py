@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from throughput import code_line  # noqa: F401  (re-exported: which mftcoder was measured, said in one place)
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 # MFTCODER_SMOLLM2: the model folder of another checkout (models/ is not committed)
@@ -261,16 +263,24 @@ def machine_line() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}"
 
 
-def code_line() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mftcoder"], cwd=REPO, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "mftcoder: unknown revision"
-    return f"mftcoder at commit {head}" + (" plus uncommitted changes under mftcoder/" if dirty else "")
-
-
 def default_python() -> str:
     return sys.executable
+
+
+def timed_run(trainer, clock: "StepClock"):
+    """trainer.run() with every optimizer step timed by `clock`; returns the run's result and the wall start."""
+    inner, count = trainer.train_step, [0]
+
+    def timed_step(batches):
+        count[0] += 1
+        clock.begin(count[0])
+        loss = inner(batches)
+        clock.end(count[0])
+        return loss
+
+    import torch
+
+    trainer.train_step = timed_step
+    torch.manual_seed(SEED)
+    started = time.perf_counter()
+    return trainer.run(), started

@@ -67,7 +67,6 @@ class FrozenCopyReference:
 def worker(spec: dict) -> dict:
     import mftcoder.objectives.preference as preference
     import mftcoder.objectives.reference as reference
-    import torch
     from mftcoder.train.distributed import DistEnv
     from mftcoder.train.loop import Trainer
     from mftcoder.train.memory_meter import TensorBytes
@@ -97,19 +96,7 @@ def worker(spec: dict) -> dict:
     result = {"setup_s": time.perf_counter() - started, **one_off,
               "reference": type(trainer.objective.reference).__name__}
     clock = common.StepClock(steps, TensorBytes)
-    inner, count = trainer.train_step, [0]
-
-    def timed_step(batches):
-        count[0] += 1
-        clock.begin(count[0])
-        loss = inner(batches)
-        clock.end(count[0])
-        return loss
-
-    trainer.train_step = timed_step
-    torch.manual_seed(common.SEED)
-    started = time.perf_counter()
-    run = trainer.run()
+    run, started = common.timed_run(trainer, clock)
     result.update(clock.summary(started), step_losses=run.step_losses, tokens_seen=run.tokens_seen,
                   pairs=sum(len(t.data) for t in trainer.data.per_task))
     return result

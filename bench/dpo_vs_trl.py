@@ -79,7 +79,6 @@ def mftcoder_pairs(trainer, rows) -> dict:
 
 def worker_mftcoder(spec: dict) -> dict:
     import numpy as np
-    import torch
     from mftcoder.train.distributed import DistEnv
     from mftcoder.train.loop import Trainer
     from mftcoder.train.memory_meter import TensorBytes
@@ -104,19 +103,7 @@ def worker_mftcoder(spec: dict) -> dict:
         result["masks"] = [[seq[1].tolist() for seq in task.sequences(r)] for r in records]
         result["before"] = mftcoder_pairs(trainer, rows)
     clock = common.StepClock(None if check or profile else steps, TensorBytes, 2 if profile else None)
-    inner, count = trainer.train_step, [0]
-
-    def timed_step(batches):
-        count[0] += 1
-        clock.begin(count[0])
-        loss = inner(batches)
-        clock.end(count[0])
-        return loss
-
-    trainer.train_step = timed_step
-    torch.manual_seed(common.SEED)
-    started = time.perf_counter()
-    run = trainer.run()
+    run, started = common.timed_run(trainer, clock)
     result.update(clock.summary(started))
     result["step_losses"] = run.step_losses
     train_rows = [json.loads(line) for line in (Path(spec["work"]) / "out" / "metrics.jsonl").read_text().splitlines()]

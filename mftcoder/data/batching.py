@@ -236,9 +236,10 @@ def collate(rows: list[list[Sample]], pad_id: int, pad_to: int | None = None, pa
             token_sample[r, start:end] = sample_id
             token_example[r, start:end] = example if example >= 0 else -2 - sample_id  # unique either way
             token_part[r, start:end] = part
-            supervised = loss_mask[r, start:end].nonzero()
-            if len(supervised):
-                reference[r, start + int(supervised[0])] = logp
+            if logp:  # only a preference objective's cached reference gives one (the search costs per sample)
+                supervised = loss_mask[r, start:end].nonzero()
+                if len(supervised):
+                    reference[r, start + int(supervised[0])] = logp
             positions[r, start:end] = torch.arange(n)
             sample_id, start = sample_id + 1, end
         positions[r, start:] = torch.arange(width - start)  # trailing padding: a segment of its own
