@@ -178,10 +178,15 @@ def activation_bytes(shape: ModelShape, run: RunSetup) -> dict[str, int]:
         out["norms"] -= int(first_layer_savings(shape, run) * tokens * e)
         out["rotary cos/sin"] = 2 * shape.rotary_dims * tokens * e
         if run.attention in ("sdpa", "eager"):  # SDPA turns the block-diagonal mask into a float copy per layer
-            out["attention mask (per layer)"] = shape.layers * run.rows_per_pass * run.row_tokens ** 2 * 4
+            out["attention mask (per layer)"] = shape.layers * mask_bytes(run)
     out["final norm"] = final_norm_elements(shape, run) * tokens * e
     out["token ids and loss mask"] = tokens * (1 + (0 if run.lora else 8))  # the embedding's backward needs the ids
     return out
+
+
+def mask_bytes(run: RunSetup) -> int:
+    """One layer's copy of the [rows, 1, T, T] attention mask in the compute dtype (float32 on CPU)."""
+    return run.rows_per_pass * run.row_tokens ** 2 * run.act_bytes
 
 
 def final_norm_elements(shape: ModelShape, run: RunSetup) -> int:
@@ -196,7 +201,7 @@ def recompute_bytes(shape: ModelShape, run: RunSetup) -> int:
     if not run.checkpointing:
         return 0
     per_token = sum(layer_activations(shape, run).values())
-    mask = run.rows_per_pass * run.row_tokens ** 2 * 4 if run.attention in ("sdpa", "eager") else 0
+    mask = mask_bytes(run) if run.attention in ("sdpa", "eager") else 0
     return int(per_token * run.pass_tokens * run.act_bytes + mask)
 
 
