@@ -69,8 +69,8 @@ class ModelShape:
 
     @property
     def buffer_bytes(self) -> int:
-        """Rotary inv_freq (float32): the model's only buffer in these families."""
-        return self.rotary_dims // 2 * 4
+        """Rotary inv_freq and original_inv_freq (float32): the model's only buffers in these families."""
+        return 2 * (self.rotary_dims // 2) * 4
 
 
 GATED = ("llama", "mistral", "qwen2", "qwen3")

@@ -1,0 +1,181 @@
+"""`mftcoder plan`: its components against exact counts on tiny models (parameters, LoRA's trainable parameters,
+AdamW's state after a step, the tensors autograd keeps for backward), its JSON, and its answers for an unknown family
+and a 70B model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mftcoder.config import build_config
+from mftcoder.data.batching import collate
+from mftcoder.loss import SupervisedLM
+from mftcoder.model import lora_targets, parameter_groups, prepare_for_training, read_model_config
+from mftcoder.plan.memory import (RunSetup, activation_bytes, head_saved_bytes, optimizer_bytes, plan_memory,
+                                  trainable_params)
+from mftcoder.plan.planner import Target, make_plan
+from mftcoder.plan.shape import lora_layers, read_shape
+
+REPO = Path(__file__).resolve().parent.parent
+LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)
+NEOX = dict(read_model_config("tiny-test"), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, vocab_size=512)
+LLAMA_70B = dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                 num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+SETTINGS = [{}, {"peft_type": "lora", "lora_dropout": 0.0}, {"peft_type": "lora", "lora_dropout": 0.05},
+            {"checkpoint_activations": True}, {"peft_type": "lora", "checkpoint_activations": True}]
+
+
+def packed_rows(rows: int, width: int, vocab: int) -> list:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(rows):
+        row, left = [], width
+        while left:
+            n = min(left, int(rng.integers(5, 40)))
+            row.append((rng.integers(3, vocab, n).astype(np.int32), (rng.random(n) < 0.6).astype(np.uint8), 0))
+            left -= n
+        out.append(row)
+    return out
+
+
+def build(raw: dict, values: dict):
+    config, _ = build_config(values)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**raw), attn_implementation="sdpa")
+    model = prepare_for_training(model, config).train()
+    shape = read_shape(raw)
+    batch = collate(packed_rows(2, 64, raw["vocab_size"]), 0, packed=True)
+    run = RunSetup("lora" if config.peft_type else "full", 4, 4, config.lora_rank,
+                   lora_layers(shape, lora_targets(config, shape.model_type)), config.lora_dropout > 0,
+                   checkpointing=config.checkpoint_activations, rows_per_pass=2, row_tokens=64,
+                   supervised_fraction=float(batch.loss_mask.sum()) / batch.loss_mask.numel())
+    return model, shape, run, batch
+
+
+def saved_for_backward(model, batch) -> int:
+    """Bytes of the distinct storages autograd keeps for backward in one forward pass (weights excluded)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = SupervisedLM(model)(batch, torch.full((int(batch.loss_mask.sum()),), 1e-3))
+    loss.backward()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("raw", [LLAMA, NEOX], ids=["llama", "gpt_neox"])
+@pytest.mark.parametrize("values", SETTINGS, ids=["full", "lora", "lora-dropout", "full-ckpt", "lora-ckpt"])
+def test_activations_equal_the_tensors_autograd_keeps(raw, values):
+    model, shape, run, batch = build(raw, values)
+    predicted = sum(activation_bytes(shape, run).values()) + head_saved_bytes(shape, run)
+    assert predicted == saved_for_backward(model, batch)  # exact: every storage is a formula term
+
+
+@pytest.mark.parametrize("raw", [LLAMA, NEOX, read_model_config("tiny-test")], ids=["llama", "gpt_neox", "tiny-test"])
+def test_parameters_and_lora_parameters_are_exact(raw):
+    model, shape, run, _ = build(raw, {"peft_type": "lora"})
+    base = model.get_base_model()
+    assert shape.params == sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
+    assert trainable_params(shape, run) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert shape.buffer_bytes == sum(b.numel() * b.element_size() for b in base.buffers())
+
+
+@pytest.mark.parametrize("values", [{}, {"peft_type": "lora"}], ids=["full", "lora"])
+def test_adamw_state_after_one_step(values):
+    model, shape, run, batch = build(NEOX, values)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.0), lr=1e-3)
+    saved_for_backward(model, batch)
+    optimizer.step()
+    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    assert optimizer_bytes(shape, run) == state
+
+
+def test_tiny_test_numbers():
+    """The shipped tiny GPT-NeoX (14.1M parameters, 12.9M of them embeddings and output layer) planned on CPU: pinned figures."""
+    shape = read_shape(read_model_config("tiny-test"))
+    assert shape.params == 14_067_712
+    run = RunSetup("full", 4, 4, rows_per_pass=4, row_tokens=256, supervised_fraction=0.5)
+    memory = plan_memory(shape, run)
+    assert memory.persistent["weights"] == 4 * 14_067_712 + 32  # + rotary inv_freq and original_inv_freq (4 float32 each)
+    assert memory.persistent["optimizer state (AdamW)"] == 8 * 14_067_712 + 4 * 76  # 76 tensors' step counters
+    assert memory.transient["output layer logits (one chunk)"] == 3 * 512 * 50304 * 4  # 512 supervised positions
+    assert memory.peak_moment == "end of a forward pass"
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mftcoder", "plan", *args], capture_output=True, text=True,
+                              cwd=REPO, timeout=120)
+    return run
+
+
+def test_json_keys_carry_their_units(run_cli, small_tasks):
+    data = ",".join(small_tasks["data_paths"])
+    result = run_cli("/dev/null", "model_config=tiny-test", f"data_paths=[{data}]",
+                     f"data_cache_dir={small_tasks['data_cache_dir']}", "seq_length=256", "--json",
+                     "--device-memory", "8GB")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    for key in ("tensor_peak_bytes", "peak_bytes", "overhead_bytes", "device_memory_bytes", "step_time_s",
+                "step_flops", "total_time_s"):
+        assert key in out
+    assert out["device_memory_bytes"] == 8 * 2**30 and out["fits"] is True
+    assert out["peak_bytes"] == out["tensor_peak_bytes"] + out["overhead_bytes"]
+    assert out["components_bytes"]["weights"] == 4 * 14_067_712 + 32
+    assert out["parameters"] == 14_067_712
+
+
+def test_unknown_model_type_is_a_sentence(run_cli, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 64}))
+    result = run_cli("/dev/null", f"model_config={tmp_path / 'config.json'}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: model_type 'mamba': plan sizes llama")
+
+
+def test_70b_full_fine_tuning_does_not_fit_one_80gb_gpu(run_cli, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
+    started = time.perf_counter()
+    result = run_cli("/dev/null", f"model_config={tmp_path / 'config.json'}", "seq_length=4096", "--device", "cuda",
+                     "--device-memory", "80GB", "--json")
+    assert time.perf_counter() - started < 10  # no weights, no model built: a second or two of imports
+    assert result.returncode == 1
+    out = json.loads(result.stdout)
+    assert out["parameters"] == 70_553_706_496  # Llama-3-70B's count
+    assert out["fits"] is False and out["verdict"].startswith("does not fit")
+    assert out["components_bytes"]["weights"] == 4 * 70_553_706_496 + 512  # float32 master weights
+    assert out["components_bytes"]["optimizer_state"] == 8 * 70_553_706_496 + 4 * (80 * 9 + 3)
+    changes = [a["change"] for a in out["advice"]]
+    assert any("checkpoint_activations" in c for c in changes) and any("nf4" in c for c in changes)
+    assert out["advice"][-1]["peak_bytes"] < 80 * 2**30  # everything together fits
+
+
+def test_plan_of_the_trainers_own_config_matches_its_schedule(small_tasks):
+    """With the data cached, plan counts the steps the trainer will run (same packing of the same lengths)."""
+    from mftcoder.model import load_tokenizer
+    from mftcoder.data.prepare import prepare_data
+
+    config, _ = build_config({**small_tasks, "model_config": "tiny-test", "seq_length": 256,
+                              "per_device_train_batch_size": 2})
+    prepare_data(config, *load_tokenizer(config))  # the cache plan reads
+    plan = make_plan(config, Target("cpu", 1))
+    assert plan.schedule.steps_per_epoch is not None
+    assert "tokenized cache" in plan.schedule.note
+    assert 0.5 < plan.schedule.row_fill <= 1.0
