@@ -114,7 +114,7 @@ def test_tiny_test_numbers():
     memory = plan_memory(shape, run)
     assert memory.persistent["weights"] == 4 * 14_067_712 + 32  # + rotary inv_freq and original_inv_freq (4 float32 each)
     assert memory.persistent["optimizer state (AdamW)"] == 8 * 14_067_712 + 4 * 76  # 76 tensors' step counters
-    assert memory.transient["output layer logits (one chunk)"] == 3 * 512 * 50304 * 4  # 512 supervised positions
+    assert memory.transient["output layer logits (one chunk)"] == 512 * 50304 * 4 + 50304 * 128 * 4  # 512 supervised
     assert memory.peak_moment == "end of a forward pass"
 
 

@@ -10,7 +10,6 @@ from mftcoder.plan.shape import Linear, ModelShape
 
 GIB = 2 ** 30
 BATCH_BYTES_PER_TOKEN = 73  # collate's tensors: 8 int64 [B, T] tensors, the bool loss mask and the float64 reference
-LOGIT_COPIES = 3  # logits, logits - max and exp(...) live at once inside logsumexp (fused output layer, per chunk)
 QUANT_BYTES = {"nf4": 0.5 + 1 / 64 * (1 + 4 / 256), "int8": 1.0}  # per weight: 4 bits + double-quantized absmax
 
 
@@ -143,7 +142,7 @@ def layer_activations(shape: ModelShape, run: RunSetup) -> dict[str, float]:
             out["LoRA dropout masks"] = sum(l.fan_in for l in targets)
         else:
             out["LoRA inputs"] = _distinct_inputs(targets, shape)
-        out["LoRA inputs"] = out.get("LoRA inputs", 0) + run.lora_rank * len(targets)  # lora_B's input
+        out["LoRA B inputs"] = run.lora_rank * len(targets)
     else:
         out["linear inputs"] = _distinct_inputs(shape.linears, shape)
     return out
@@ -215,9 +214,10 @@ def head_saved_bytes(shape: ModelShape, run: RunSetup) -> int:
 
 
 def head_transient_bytes(shape: ModelShape, run: RunSetup) -> int:
-    """One chunk of float32 logits (at most chunk_tokens supervised positions x vocab), LOGIT_COPIES at once."""
+    """One chunk of float32 logits (at most chunk_tokens supervised positions x vocab), softmaxed in place, and under
+    full fine-tuning the weight gradient's addmm result before it is added (measured with TensorBytes: exact to 0.3%)."""
     chunk = min(run.chunk_tokens, max(1, run.supervised_tokens))
-    return LOGIT_COPIES * chunk * shape.vocab * 4
+    return chunk * shape.vocab * 4 + (0 if run.lora else shape.vocab * shape.hidden * 4)
 
 
 # --- the engine -----------------------------------------------------------------------------------------------------
