@@ -9,11 +9,18 @@ the prediction is the one the trainer prints at its start (mftcoder.plan.check);
 tensor on the training device during the last step (mftcoder.train.memory_meter.TensorBytes, starting from the live
 tensors: weights, optimizer state, batches), and the step time the median of the steps between the first (warm-up)
 and the metered one. Rank 0's figures under FSDP2. Prints a markdown table with the ratios measured / predicted.
+
+The plan predicts the pass with the most supervised tokens of an epoch (the output layer's logits chunk grows with
+them); the metered step is whichever came last, so the table also gives the formulas evaluated at that step's own
+fullest pass ("at the step's S"), which checks the formulas apart from the data statistic. FSDP2 gathers a unit's
+parameters into storages it resizes, which no operation creates and the meter cannot see: the bench adds those
+storages' bytes (FSDPParam.all_gather_outputs) at each moment to the meter's count.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -24,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from mftcoder.plan.memory import plan_memory  # noqa: E402
 from dpo_common import REPO, SMOLLM2, StepClock, tensor_bytes_meter, timed_run  # noqa: E402
 
 DEMO = REPO / "mftcoder" / "assets" / "demo_data"
@@ -49,6 +57,28 @@ ROWS = {  # name -> (model, overrides, processes)
 }
 
 
+def gathered_meter(base, runner):
+    """base (TensorBytes) plus the bytes of FSDP2's all-gathered parameter storages at every operation."""
+    from torch.distributed.fsdp import FSDPModule
+
+    params = [fp for m in runner.modules() if isinstance(m, FSDPModule)
+              for group in [m._get_fsdp_state()._fsdp_param_group] if group is not None for fp in group.fsdp_params]
+
+    class Gathered(base):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            gathered = sum(t.untyped_storage().nbytes() for fp in params for t in fp.all_gather_outputs)
+            self.peak = max(self.peak, self.now + gathered)
+            return out
+
+    return Gathered
+
+
+def fullest_pass(batches, forward_tokens: int) -> int:
+    """Supervised tokens of the step's fullest forward pass, split as the trainer splits it."""
+    return max(int(piece.loss_mask.sum()) for b in batches for piece in b.split_rows(forward_tokens))
+
+
 def worker(values: dict, steps: int, out: Path) -> None:
     """Train `steps` steps in this process (a torchrun rank or alone) and write its measurement and prediction."""
     from mftcoder.config import build_config
@@ -57,11 +87,18 @@ def worker(values: dict, steps: int, out: Path) -> None:
 
     env = init_distributed()
     trainer = Trainer(build_config(values)[0], env)
-    clock = StepClock(metered_step=steps, meter_class=tensor_bytes_meter())
+    meter = tensor_bytes_meter()
+    if values.get("distributed_strategy") == "fsdp":
+        meter = gathered_meter(meter, trainer.runner)
+    clock = StepClock(metered_step=steps, meter_class=meter)
+    inner, seen = trainer.train_step, []
+    trainer.train_step = lambda batches: seen.append(fullest_pass(batches, trainer.forward_tokens)) or inner(batches)
     result, started = timed_run(trainer, clock)
     summary = clock.summary(started)
     plan = trainer.plan_check.plan
-    report = {"measured_peak_bytes": summary["meter_peak"], "measured_step_s": statistics.median(summary["step_s"]),
+    own = plan_memory(plan.shape, dataclasses.replace(plan.run, fullest_pass_supervised=seen[-1]))
+    report = {"measured_peak_bytes": summary["meter_peak"], "own_s_peak_bytes": own.peak, "step_s_tokens": seen[-1],
+              "plan_s_tokens": plan.run.supervised_tokens, "moment": plan.memory.peak_moment, "measured_step_s": statistics.median(summary["step_s"]),
               "predicted_peak_bytes": plan.memory.peak, "predicted_step_s": plan.step_seconds,
               "largest": plan.memory.largest()[0], "losses": result.step_losses}
     (out / f"rank-{env.rank}.json").write_text(json.dumps(report))
@@ -81,11 +118,15 @@ def run_row(name: str, steps: int, folder: Path) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| run | predicted peak MiB | measured peak MiB | measured / predicted | predicted s/step | "
-             "measured s/step | measured / predicted | largest component |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| run | predicted peak MiB (S) | at the step's S MiB (S) | measured peak MiB | measured / predicted | "
+             "measured / at the step's S | peak moment | predicted s/step | measured s/step | measured / predicted | "
+             "largest component |", "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['predicted_peak_bytes'] / 2**20:.1f} | {r['measured_peak_bytes'] / 2**20:.1f} | "
-                     f"{r['measured_peak_bytes'] / r['predicted_peak_bytes']:.2f} | {r['predicted_step_s']:.2f} | "
+        m = r["measured_peak_bytes"]
+        lines.append(f"| {name} | {r['predicted_peak_bytes'] / 2**20:.1f} ({r['plan_s_tokens']}) | "
+                     f"{r['own_s_peak_bytes'] / 2**20:.1f} ({r['step_s_tokens']}) | {m / 2**20:.1f} | "
+                     f"{m / r['predicted_peak_bytes']:.2f} | {m / r['own_s_peak_bytes']:.2f} | {r['moment']} | "
+                     f"{r['predicted_step_s']:.2f} | "
                      f"{r['measured_step_s']:.2f} | {r['measured_step_s'] / r['predicted_step_s']:.2f} | {r['largest']} |")
     return "\n".join(lines)
 

@@ -19,8 +19,10 @@ from mftcoder.config import build_config
 from mftcoder.data.batching import collate
 from mftcoder.loss import SupervisedLM
 from mftcoder.model import lora_targets, parameter_groups, prepare_for_training, read_model_config
-from mftcoder.plan.memory import (RunSetup, activation_bytes, head_saved_bytes, optimizer_bytes, plan_memory,
+from mftcoder.plan.memory import (RunSetup, activation_bytes, head_backward_bytes, head_forward_bytes,
+                                  head_saved_bytes, optimizer_bytes, optimizer_step_bytes, plan_memory,
                                   trainable_params)
+from mftcoder.train.memory_meter import TensorBytes
 from mftcoder.plan.planner import Target, make_plan
 from mftcoder.plan.shape import lora_layers, read_shape
 
@@ -114,8 +116,63 @@ def test_tiny_test_numbers():
     memory = plan_memory(shape, run)
     assert memory.persistent["weights"] == 4 * 14_067_712 + 32  # + rotary inv_freq and original_inv_freq (4 float32 each)
     assert memory.persistent["optimizer state (AdamW)"] == 8 * 14_067_712 + 4 * 76  # 76 tensors' step counters
-    assert memory.transient["output layer logits (one chunk)"] == 512 * 50304 * 4 + 50304 * 128 * 4  # 512 supervised
+    assert run.supervised_tokens == 512  # no data statistics: rows full, half supervised
+    assert memory.transient["output layer logits (largest chunk)"] == 512 * 50304 * 4 + 512 * 128 * 4
+    assert memory.transient["AdamW step temporaries"] == 2 * 50304 * 128 * 4 + 512 * 128 * 4  # + the MLP's output
     assert memory.peak_moment == "end of a forward pass"
+
+
+def test_meter_counts_no_alias_of_a_tensor_it_did_not_create():
+    """A view or an in-place update of a tensor that was there before (a weight, AdamW's state) is no new storage;
+    a view of a new tensor keeps it counted after the tensor itself is gone."""
+    old = torch.zeros(1000)
+    with TensorBytes(torch.device("cpu")) as meter:
+        old.mul_(2).t().add_(1)
+        new = torch.ones(1000)
+        view = new[:10]
+        del new
+        assert meter.now == 4000
+        del view
+    assert meter.now == 0 and meter.peak == 4000
+
+
+@pytest.mark.parametrize("values", [{}, {"peft_type": "lora"}], ids=["full", "lora"])
+def test_adamw_step_temporaries_are_measured_exactly(values):
+    """torch's per-tensor AdamW (the CPU default) holds sqrt(exp_avg_sq) and its quotient of one tensor at a time."""
+    model, shape, run, batch = build(NEOX, values)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.0), lr=1e-3)
+    saved_for_backward(model, batch)
+    optimizer.step()  # the state exists: the next step creates only temporaries
+    with TensorBytes(torch.device("cpu")) as meter:
+        optimizer.step()
+    if run.lora:  # a bound: kilobytes
+        assert 2 * 8 * 256 * 4 <= meter.peak <= optimizer_step_bytes(shape, run)
+    else:
+        assert meter.peak == optimizer_step_bytes(shape, run) == 2 * 512 * 64 * 4 + 256 * 64 * 4
+
+
+@pytest.mark.parametrize("values", [{}, {"peft_type": "lora"}], ids=["full", "lora"])
+def test_output_layer_transients_are_measured(values):
+    """Inside the fused output layer's forward: the saved gradients plus the largest chunk's logits and hidden-state
+    gradient; at its backward: the saved gradients and their scaled copies (exact to the small per-token tensors)."""
+    model, shape, run, batch = build(NEOX, values)
+    supervised = int(batch.loss_mask.sum())
+    hidden = torch.randn(supervised, shape.hidden, requires_grad=True)
+    head = model.get_output_embeddings()
+    weight = head.weight
+    targets = torch.randint(0, shape.vocab, (supervised,))
+    from mftcoder.loss import fused_linear_cross_entropy
+
+    with TensorBytes(torch.device("cpu")) as forward:
+        loss, losses = fused_linear_cross_entropy(hidden, weight, None, targets, torch.full((supervised,), 1e-3), 1024)
+    kept = forward.now
+    with TensorBytes(torch.device("cpu")) as backward:
+        loss.backward()
+    per_token = supervised * 64  # losses, log-normalizers, targets and other per-token tensors: at most 64 B a token
+    assert head_saved_bytes(shape, run) <= kept <= head_saved_bytes(shape, run) + per_token
+    expected = head_saved_bytes(shape, run) + head_forward_bytes(shape, run)
+    assert expected <= forward.peak <= expected + per_token
+    assert head_backward_bytes(shape, run) <= backward.peak <= head_backward_bytes(shape, run) + per_token
 
 
 @pytest.fixture

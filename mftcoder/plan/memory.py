@@ -37,6 +37,9 @@ class RunSetup:
     fsdp_every_pass: bool = True
     attention: str = "sdpa"
     chunk_tokens: int = 1024
+    row_fill: float = 1.0
+    fullest_pass_supervised: int | None = None  # from the data: the epoch's fullest pass; else from the fractions
+    foreach_optimizer: bool = False  # torch's AdamW default: per-tensor on CPU, foreach (multi-tensor) on CUDA
 
     @property
     def lora(self) -> bool:
@@ -48,7 +51,10 @@ class RunSetup:
 
     @property
     def supervised_tokens(self) -> int:
-        return int(round(self.pass_tokens * self.supervised_fraction))
+        """Supervised tokens of the fullest pass (the run's peak is that pass's), else of an average pass."""
+        if self.fullest_pass_supervised is not None:
+            return min(self.pass_tokens, self.fullest_pass_supervised)
+        return int(round(self.pass_tokens * self.row_fill * self.supervised_fraction))
 
 
 @dataclass
@@ -213,22 +219,59 @@ def head_saved_bytes(shape: ModelShape, run: RunSetup) -> int:
     return grad_hidden + grad_weight
 
 
-def head_transient_bytes(shape: ModelShape, run: RunSetup) -> int:
-    """One chunk of float32 logits (at most chunk_tokens supervised positions x vocab), softmaxed in place, and under
-    full fine-tuning the weight gradient's addmm result before it is added (measured with TensorBytes: exact to 0.3%)."""
-    chunk = min(run.chunk_tokens, max(1, run.supervised_tokens))
-    return chunk * shape.vocab * 4 + (0 if run.lora else shape.vocab * shape.hidden * 4)
+def head_chunk(run: RunSetup) -> int:
+    """Supervised positions in the output layer's largest chunk."""
+    return min(run.chunk_tokens, max(1, run.supervised_tokens))
+
+
+def head_forward_bytes(shape: ModelShape, run: RunSetup) -> int:
+    """Inside the fused output layer's forward, at its largest chunk: the chunk's float32 logits (softmaxed in place;
+    a compute-dtype copy beside them when that is not float32) and the chunk's hidden-state gradient being formed."""
+    chunk = head_chunk(run)
+    logits = chunk * shape.vocab * (4 + (run.act_bytes if run.act_bytes != 4 else 0))
+    return logits + chunk * shape.hidden * run.act_bytes
+
+
+def head_backward_bytes(shape: ModelShape, run: RunSetup) -> int:
+    """The output layer's backward scales its saved gradients by the incoming one into new tensors while the saved
+    ones and every activation still live: one more copy of head_saved_bytes (and a cast of the weight gradient to a
+    16-bit weight's dtype)."""
+    cast = shape.vocab * shape.hidden * run.weight_bytes if not run.lora and run.weight_bytes != 4 else 0
+    return head_saved_bytes(shape, run) + cast
+
+
+# --- the optimizer step --------------------------------------------------------------------------------------------
+def largest_trainable_tensor_bytes(shape: ModelShape, run: RunSetup) -> int:
+    """The biggest trainable tensor: the (input) embedding under full fine-tuning, a LoRA A or B matrix otherwise."""
+    if run.lora:
+        return max(run.lora_rank * max(l.fan_in, l.fan_out) for l in run.lora_targets) * 4
+    biggest = max([shape.vocab * shape.hidden] + [l.fan_in * l.fan_out for l in shape.linears])
+    return biggest * run.weight_bytes
+
+
+def optimizer_step_bytes(shape: ModelShape, run: RunSetup, shards: int = 1) -> int:
+    """AdamW's temporaries in its step. Per tensor (torch's CPU default): sqrt(exp_avg_sq) and its quotient by the bias
+    correction for the largest tensor, while the quotient of the tensor before it is still referenced (an untied
+    output layer comes last of the weights, after the last MLP projection; a tied embedding comes first; LoRA: at
+    most one more of its largest matrix). Foreach (torch's CUDA default): one sqrt per tensor, all at once."""
+    if run.foreach_optimizer:
+        return trainable_bytes(shape, run) // shards
+    largest = largest_trainable_tensor_bytes(shape, run)
+    if run.lora:
+        before = largest
+    else:
+        before = 0 if shape.tied else shape.linears[-1].fan_in * shape.linears[-1].fan_out * run.weight_bytes
+    return (2 * largest + before) // shards
 
 
 # --- the engine -----------------------------------------------------------------------------------------------------
 def fsdp_gathered_bytes(shape: ModelShape, run: RunSetup) -> int:
-    """FSDP2 all-gathers a unit's full parameters for its forward and backward: the root unit (embeddings, output
-    layer, final norm) stays gathered from forward through backward, plus one decoder layer at a time (and the
-    next, prefetched), in the compute dtype."""
+    """FSDP2 all-gathers a unit's full parameters around its forward and backward; at the end of the forward pass
+    (where the peak is) only the root unit is gathered (embeddings, output layer, final norm: it is not resharded
+    between forward and backward), each decoder layer having been resharded after its forward."""
     if run.engine != "fsdp":
         return 0
-    root = shape.embedding_params + shape.head_params + shape.final_norm_params
-    return (root + 2 * shape.layer_params) * run.weight_bytes
+    return (shape.embedding_params + shape.head_params + shape.final_norm_params) * run.weight_bytes
 
 
 def ddp_bucket_bytes(shape: ModelShape, run: RunSetup) -> int:
@@ -237,9 +280,10 @@ def ddp_bucket_bytes(shape: ModelShape, run: RunSetup) -> int:
 
 
 def plan_memory(shape: ModelShape, run: RunSetup) -> MemoryPlan:
-    """The components and the peak: the end of a forward pass (its activations, the output layer's logits chunk or
-    a recomputed layer, gradients accumulated by earlier passes) or the optimizer step (all gradients), whichever
-    is higher."""
+    """The components and the peak, the highest of three moments: inside the output layer at the end of a forward
+    pass (all activations, its largest logits chunk, or a recomputed layer under checkpointing), the start of
+    backward (the output layer's gradients scaled into new tensors) and the optimizer step (all gradients and
+    AdamW's temporaries). Gradients accumulated by earlier passes of the step are there at the first two."""
     shards = run.nproc if run.engine == "fsdp" else 1
     grads = trainable_bytes(shape, run)
     grads_kept = grads // shards if run.engine != "fsdp" or run.fsdp_every_pass else grads
@@ -247,20 +291,27 @@ def plan_memory(shape: ModelShape, run: RunSetup) -> MemoryPlan:
     plan.persistent = {
         "weights": weight_bytes(shape, run) // shards,
         "optimizer state (AdamW)": optimizer_bytes(shape, run) // shards,
-        "FSDP all-gathered units": fsdp_gathered_bytes(shape, run),
+        "FSDP all-gathered root unit": fsdp_gathered_bytes(shape, run),
         "DDP gradient buckets": ddp_bucket_bytes(shape, run),
         "batch tensors": run.accumulation * run.micro_batch_rows * run.row_tokens * BATCH_BYTES_PER_TOKEN,
     }
     plan.activations = activation_bytes(shape, run)
     plan.activations["output layer + loss (fused: gradients formed in forward)"] = head_saved_bytes(shape, run)
     plan.transient = {"gradients": grads_kept,
-                      "output layer logits (one chunk)": head_transient_bytes(shape, run),
-                      "recomputed layer (checkpointing)": recompute_bytes(shape, run)}
+                      "output layer logits (largest chunk)": head_forward_bytes(shape, run),
+                      "recomputed layer (checkpointing)": recompute_bytes(shape, run),
+                      "output layer backward (scaled gradient copies)": head_backward_bytes(shape, run),
+                      "AdamW step temporaries": optimizer_step_bytes(shape, run, shards)}
     several_passes = run.passes_per_step * run.accumulation > 1
     plan.gradients_before_pass = grads_kept if several_passes else 0
     base = sum(plan.persistent.values())
-    forward = (base + sum(plan.activations.values()) + plan.gradients_before_pass
-               + max(plan.transient["output layer logits (one chunk)"], plan.transient["recomputed layer (checkpointing)"]))
-    step = base + grads_kept
-    plan.peak, plan.peak_moment = (forward, "end of a forward pass") if forward >= step else (step, "optimizer step")
+    kept = base + sum(plan.activations.values()) + plan.gradients_before_pass
+    t = plan.transient
+    moments = {
+        "end of a forward pass": kept + max(t["output layer logits (largest chunk)"],
+                                            t["recomputed layer (checkpointing)"]),
+        "start of backward": kept + t["output layer backward (scaled gradient copies)"],
+        "optimizer step": base + grads_kept + t["AdamW step temporaries"],
+    }
+    plan.peak_moment, plan.peak = max(moments.items(), key=lambda kv: kv[1])
     return plan

@@ -11,7 +11,7 @@ from pathlib import Path
 from mftcoder.config import CPU_FORWARD_TOKENS, Config, resolve_for_world
 from mftcoder.plan.memory import GIB, MemoryPlan, RunSetup, plan_memory, trainable_params
 from mftcoder.plan.shape import ModelShape, PlanError, lora_layers, read_shape
-from mftcoder.plan.timing import (CPU_MFU, GPU_DEFAULT_MFU, Schedule, cached_stats, cpu_matmul_rate, gpu_peak,
+from mftcoder.plan.timing import (ASSUMED_FILL, CPU_MFU, GPU_DEFAULT_MFU, Schedule, cached_stats, cpu_matmul_rate, gpu_peak,
                                   schedule, step_flops)
 
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # assumption: CUDA context + kernels, outside the caching allocator
@@ -97,7 +97,9 @@ def run_setup(config: Config, shape: ModelShape, target: Target, sched: Schedule
                     config.lora_dropout > 0, config.quantization, config.checkpoint_activations, per_pass, row_tokens,
                     sched.supervised_fraction if sched else 0.6, -(-rows // per_pass), rows,
                     config.gradient_accumulation_steps, engine if engine in ("ddp", "fsdp") else "single",
-                    target.nproc, config.fsdp_gradient_sync == "every_pass", attention)
+                    target.nproc, config.fsdp_gradient_sync == "every_pass", attention,
+                    row_fill=sched.row_fill if sched else ASSUMED_FILL,
+                    fullest_pass_supervised=sched.fullest_pass_supervised if sched else None, foreach_optimizer=cuda)
 
 
 def overhead(peak: int, target: Target) -> int:
@@ -115,7 +117,8 @@ def make_plan(config: Config, target: Target, shape: ModelShape | None = None, s
     config = resolve_for_world(config, target.nproc)
     shape = shape or read_shape(model_config_json(config))
     probe = run_setup(config, shape, target)
-    sched = schedule(config, cached_stats(config), target.nproc, probe.row_tokens, config.padding_mode != "padding")
+    sched = schedule(config, cached_stats(config), target.nproc, probe.row_tokens, config.padding_mode != "padding",
+                     probe.rows_per_pass)
     if steps is not None:
         sched = dataclasses.replace(sched, total_steps=steps, steps_per_epoch=steps_per_epoch or sched.steps_per_epoch)
     run = run_setup(config, shape, target, sched)

@@ -77,14 +77,16 @@ class Schedule:
     """Rows and tokens of a step and of an epoch, from the data's lengths or assumed."""
 
     row_fill: float  # real tokens / row capacity
-    supervised_fraction: float
+    supervised_fraction: float  # supervised tokens / real tokens, over the epoch
+    fullest_pass_supervised: int | None  # supervised tokens of the epoch's fullest forward pass (None: unknown)
     steps_per_epoch: int | None
     total_steps: int | None
     tokens_per_step: int  # real tokens, all ranks
     note: str
 
 
-def schedule(config: Config, stats: DataStats, nproc: int, row_capacity: int, packed: bool) -> Schedule:
+def schedule(config: Config, stats: DataStats, nproc: int, row_capacity: int, packed: bool,
+             pass_rows: int = 1) -> Schedule:
     """Steps follow from the training split's lengths (truncated to seq_length) packed first-fit into rows (as the
     trainer packs them, one window of the data at a time), rows per micro-batch, ranks and accumulation."""
     from mftcoder.data.batching import PACK_WINDOW, pack_first_fit_decreasing
@@ -92,7 +94,7 @@ def schedule(config: Config, stats: DataStats, nproc: int, row_capacity: int, pa
     rows_per_step = config.per_device_train_batch_size * nproc * config.gradient_accumulation_steps
     if stats.lengths is None or not len(stats.lengths):
         tokens = int(rows_per_step * row_capacity * ASSUMED_FILL)
-        return Schedule(ASSUMED_FILL, 0.6, None, config.max_steps if config.max_steps > 0 else None, tokens,
+        return Schedule(ASSUMED_FILL, 0.6, None, None, config.max_steps if config.max_steps > 0 else None, tokens,
                         f"{stats.source}; assumed rows {ASSUMED_FILL:.0%} full and 60% of tokens supervised")
     train_share = split_fractions(config.data_split)[0]
     lengths = np.minimum(stats.lengths, config.seq_length)
@@ -100,18 +102,31 @@ def schedule(config: Config, stats: DataStats, nproc: int, row_capacity: int, pa
     order = np.random.default_rng(config.seed).permutation(len(lengths))[:count]
     lengths = lengths[order]
     if packed:
-        rows = sum(len(pack_first_fit_decreasing(lengths[i:i + PACK_WINDOW], row_capacity))
-                   for i in range(0, len(lengths), PACK_WINDOW))
+        bins = [[i + k for k in b] for i in range(0, len(lengths), PACK_WINDOW)
+                for b in pack_first_fit_decreasing(lengths[i:i + PACK_WINDOW], row_capacity)]
     else:
-        rows = len(lengths)
+        bins = [[k] for k in range(len(lengths))]
+    rows = len(bins)
     fill = float(lengths.sum()) / (rows * row_capacity)
     steps = math.ceil(math.ceil(rows / (config.per_device_train_batch_size * nproc)) / config.gradient_accumulation_steps)
     total = steps * config.num_train_epochs
     if config.max_steps > 0:
         total = min(total, config.max_steps)
     supervised = float(np.minimum(stats.supervised, config.seq_length).sum() / max(1, stats.lengths.sum()))
-    return Schedule(fill, supervised, steps, total, int(rows_per_step * row_capacity * fill),
+    passes = total * nproc * config.gradient_accumulation_steps * -(-config.per_device_train_batch_size // pass_rows)
+    fullest = fullest_pass(bins, np.minimum(stats.supervised[order], lengths), pass_rows, passes, config.seed)
+    return Schedule(fill, supervised, fullest, steps, total, int(rows_per_step * row_capacity * fill),
                     f"from the {stats.source}: {count} training samples in {rows} rows ({fill:.0%} full)")
+
+
+def fullest_pass(bins: list[list[int]], supervised: np.ndarray, pass_rows: int, passes: int, seed: int) -> int:
+    """Supervised tokens of the fullest of the run's forward passes (at most an epoch's): the rows shuffled, as the
+    trainer shuffles them, and taken pass_rows at a time. The output layer's logits chunk grows with them, so the
+    run's peak is that pass's; a run shorter than an epoch sees a sample of its passes, as this does."""
+    per_row = np.array([int(supervised[b].sum()) for b in bins])
+    per_row = per_row[np.random.default_rng(seed).permutation(len(per_row))]
+    sums = np.add.reduceat(per_row, np.arange(0, len(per_row), max(1, pass_rows)))[:max(1, passes)]
+    return int(sums.max()) if len(sums) else 0
 
 
 def step_flops(shape: ModelShape, run: RunSetup, tokens: int, supervised: int, row_tokens: int) -> float:
