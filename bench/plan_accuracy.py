@@ -1,38 +1,36 @@
 #!/usr/bin/env python
 """How good `mftcoder plan` is: predicted against measured peak of the training tensors and step time, per run.
 
-    python bench/plan_accuracy.py --rows tiny        # the shipped tiny GPT-NeoX rows (a minute or two)
-    python bench/plan_accuracy.py --rows all         # also SmolLM2-135M-Instruct rows (full, LoRA, QLoRA; long)
+    python bench/plan_accuracy.py --rows tiny        # the shipped tiny GPT-NeoX rows (a few minutes)
+    python bench/plan_accuracy.py --rows smollm2     # SmolLM2-135M-Instruct rows (full, LoRA, QLoRA; long)
+    python bench/plan_accuracy.py --rows all --details   # both, and each row's time terms, steps and rates
 
-Each row trains --steps optimizer steps with mftcoder's own Trainer (one process, or 2 FSDP2 ranks under torchrun):
-the prediction is the one the trainer prints at its start (mftcoder.plan.check); the measured peak is that of every
-tensor on the training device during the last step (mftcoder.train.memory_meter.TensorBytes, starting from the live
-tensors: weights, optimizer state, batches), and the step time the median of the steps between the first (warm-up)
-and the metered one. Rank 0's figures under FSDP2. Prints a markdown table with the ratios measured / predicted.
-
-The plan predicts the pass with the most supervised tokens of an epoch (the output layer's logits chunk grows with
-them); the metered step is whichever came last, so the table also gives the formulas evaluated at that step's own
-fullest pass ("at the step's S"), which checks the formulas apart from the data statistic. FSDP2 gathers a unit's
-parameters into storages it resizes, which no operation creates and the meter cannot see: the bench adds those
-storages' bytes (FSDPParam.all_gather_outputs) at each moment to the meter's count.
+Each row trains 1 + --steps + --metered-steps optimizer steps with mftcoder's own Trainer (one process, or 2 FSDP2
+ranks under torchrun); the prediction is the one the trainer makes at its start (mftcoder.plan.check). The first step
+warms up; the next --steps are timed (the median is the measured step time, rank 0's: ranks step in lockstep); the
+last --metered-steps run under the meter of every tensor on the training device (mftcoder.train.memory_meter.
+TensorBytes, starting from the live tensors: weights, optimizer state, batches), on every rank. The measured peak is
+the largest over ranks and metered steps; the plan predicts the run's fullest pass (the most supervised tokens, on
+which the output layer's logits chunk grows), so with few steps the measured peak can fall below it. FSDP2 gathers a
+unit's parameters into storages it resizes, which no operation creates and the meter cannot see: the bench adds
+those storages' bytes (FSDPParam.all_gather_outputs) at each moment to the meter's count. Prints one markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mftcoder.plan.memory import plan_memory  # noqa: E402
-from dpo_common import REPO, SMOLLM2, StepClock, tensor_bytes_meter, timed_run  # noqa: E402
+from dpo_common import REPO, SMOLLM2, live_tensor_bytes, tensor_bytes_meter, timed_run  # noqa: E402
 
 DEMO = REPO / "mftcoder" / "assets" / "demo_data"
 COMMON = {"data_paths": [str(p) for p in sorted(DEMO.iterdir()) if p.is_dir()], "evaluation_strategy": "no",
@@ -74,83 +72,134 @@ def gathered_meter(base, runner):
     return Gathered
 
 
+class StepMeter:
+    """Per optimizer step: the wall-clock stamp at its end; the steps after `timed` + 1 run under the meter (metering
+    slows a step down, so the timed ones run before, unmetered)."""
+
+    def __init__(self, timed: int, meter_class):
+        self.timed, self.meter_class = timed, meter_class
+        self.stamps: list[float] = []
+        self.peaks: list[int] = []
+        self.meter = None
+
+    def begin(self, step: int) -> None:
+        """Start the meter at a metered step, from the live tensors' bytes."""
+        if step > self.timed + 1:
+            self.meter = self.meter_class(torch_cpu(), live_tensor_bytes())
+            self.meter.__enter__()
+
+    def end(self, step: int) -> None:
+        """Stop the meter (keeping its peak) or stamp the time."""
+        if self.meter is not None:
+            self.meter.__exit__(None, None, None)
+            self.peaks.append(self.meter.peak)
+            self.meter = None
+        else:
+            self.stamps.append(time.perf_counter())
+
+    def step_seconds(self) -> list[float]:
+        """Durations of the timed steps (each from the end of the one before; the first, warm-up, step excluded)."""
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+def torch_cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
 def fullest_pass(batches, forward_tokens: int) -> int:
     """Supervised tokens of the step's fullest forward pass, split as the trainer splits it."""
     return max(int(piece.loss_mask.sum()) for b in batches for piece in b.split_rows(forward_tokens))
 
 
-def worker(values: dict, steps: int, out: Path) -> None:
-    """Train `steps` steps in this process (a torchrun rank or alone) and write its measurement and prediction."""
+def worker(values: dict, timed: int, metered: int, out: Path) -> None:
+    """Train 1 + timed + metered steps in this process (a torchrun rank or alone); write its measurements and the
+    plan the trainer made at its start."""
     from mftcoder.config import build_config
     from mftcoder.train.distributed import init_distributed, shutdown
     from mftcoder.train.loop import Trainer
 
     env = init_distributed()
-    trainer = Trainer(build_config(values)[0], env)
+    trainer = Trainer(build_config({**values, "max_steps": 1 + timed + metered})[0], env)
     meter = tensor_bytes_meter()
     if values.get("distributed_strategy") == "fsdp":
         meter = gathered_meter(meter, trainer.runner)
-    clock = StepClock(metered_step=steps, meter_class=meter)
+    clock = StepMeter(timed, meter)
     inner, seen = trainer.train_step, []
     trainer.train_step = lambda batches: seen.append(fullest_pass(batches, trainer.forward_tokens)) or inner(batches)
-    result, started = timed_run(trainer, clock)
-    summary = clock.summary(started)
+    timed_run(trainer, clock)
     plan = trainer.plan_check.plan
-    own = plan_memory(plan.shape, dataclasses.replace(plan.run, fullest_pass_supervised=seen[-1]))
-    report = {"measured_peak_bytes": summary["meter_peak"], "own_s_peak_bytes": own.peak, "step_s_tokens": seen[-1],
-              "plan_s_tokens": plan.run.supervised_tokens, "moment": plan.memory.peak_moment, "measured_step_s": statistics.median(summary["step_s"]),
+    report = {"measured_peaks_bytes": clock.peaks, "step_s": clock.step_seconds(), "step_s_tokens": seen,
+              "plan_s_tokens": plan.run.supervised_tokens, "moment": plan.memory.peak_moment,
               "predicted_peak_bytes": plan.memory.peak, "predicted_step_s": plan.step_seconds,
-              "largest": plan.memory.largest()[0], "losses": result.step_losses}
+              "predicted_terms_s": plan.time_terms, "rates": plan.rate_source}
     (out / f"rank-{env.rank}.json").write_text(json.dumps(report))
     del trainer
     shutdown(env)
 
 
-def run_row(name: str, steps: int, folder: Path) -> dict:
+def run_row(name: str, timed: int, metered: int, folder: Path) -> dict:
+    """Run one row; the largest peak over its ranks and metered steps, rank 0's median timed step."""
     model, overrides, nproc = ROWS[name]
-    values = {**COMMON, **(TINY if model == "tiny" else SMOL), **overrides, "max_steps": steps,
+    values = {**COMMON, **(TINY if model == "tiny" else SMOL), **overrides,
               "output_dir": str(folder / "run"), "data_cache_dir": str(folder.parent / "cache")}
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      f"--nproc_per_node={nproc}"]
-    command = [*launcher, __file__, "--worker", json.dumps(values), "--steps", str(steps), "--out", str(folder)]
+    command = [*launcher, __file__, "--worker", json.dumps(values), "--steps", str(timed), "--metered-steps",
+               str(metered), "--out", str(folder)]
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
-    return json.loads((folder / "rank-0.json").read_text())
+    ranks = [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(nproc)]
+    out = dict(ranks[0])
+    out["measured_peak_bytes"] = max(p for r in ranks for p in r["measured_peaks_bytes"])
+    out["measured_step_s"] = statistics.median(ranks[0]["step_s"])
+    return out
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| run | predicted peak MiB (S) | at the step's S MiB (S) | measured peak MiB | measured / predicted | "
-             "measured / at the step's S | peak moment | predicted s/step | measured s/step | measured / predicted | "
-             "largest component |", "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    """One markdown table: predicted and measured peak of the training tensors and step time, with their ratios."""
+    lines = ["| run | predicted MiB | measured MiB | measured / predicted | predicted s | measured s | "
+             "measured / predicted |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        m = r["measured_peak_bytes"]
-        lines.append(f"| {name} | {r['predicted_peak_bytes'] / 2**20:.1f} ({r['plan_s_tokens']}) | "
-                     f"{r['own_s_peak_bytes'] / 2**20:.1f} ({r['step_s_tokens']}) | {m / 2**20:.1f} | "
-                     f"{m / r['predicted_peak_bytes']:.2f} | {m / r['own_s_peak_bytes']:.2f} | {r['moment']} | "
-                     f"{r['predicted_step_s']:.2f} | "
-                     f"{r['measured_step_s']:.2f} | {r['measured_step_s'] / r['predicted_step_s']:.2f} | {r['largest']} |")
+        m, p = r["measured_peak_bytes"], r["predicted_peak_bytes"]
+        lines.append(f"| {name} | {p / 2**20:.1f} | {m / 2**20:.1f} | {m / p:.2f} | {r['predicted_step_s']:.3f} | "
+                     f"{r['measured_step_s']:.3f} | {r['measured_step_s'] / r['predicted_step_s']:.2f} |")
     return "\n".join(lines)
+
+
+def details(results: dict[str, dict]) -> str:
+    """Per row: the predicted time terms, the timed steps, the supervised tokens and the rates (for calibration)."""
+    out = []
+    for name, r in results.items():
+        terms = ", ".join(f"{k.removesuffix('_s')} {v:.3f}" for k, v in r["predicted_terms_s"].items() if v)
+        out.append(f"{name}: steps {[round(s, 3) for s in r['step_s']]} s; terms: {terms}; S per step "
+                   f"{r['step_s_tokens']} (plan's fullest {r['plan_s_tokens']}); {r['rates']}")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", choices=("tiny", "all"), default="tiny")
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first warms up, the last "
-                        "is metered; the ones between are timed)")
+    parser.add_argument("--rows", choices=("tiny", "smollm2", "all"), default="tiny")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run, after one warm-up step")
+    parser.add_argument("--metered-steps", type=int, default=3, help="steps metered for the peak, after the timed ones")
+    parser.add_argument("--details", action="store_true", help="also each row's time terms, steps and rates")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(json.loads(args.worker), args.steps, Path(args.out))
+        worker(json.loads(args.worker), args.steps, args.metered_steps, Path(args.out))
         return 0
-    names = [n for n in ROWS if args.rows == "all" or ROWS[n][0] == "tiny"]
+    names = [n for n in ROWS if args.rows in ("all", ROWS[n][0])]
     results = {}
     with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as tmp:
         for k, name in enumerate(names):
             folder = Path(tmp) / f"row{k}"
             folder.mkdir()
-            results[name] = run_row(name, args.steps, folder)
+            results[name] = run_row(name, args.steps, args.metered_steps, folder)
             print(f"{name}: done", file=sys.stderr)
     print(table(results))
+    if args.details:
+        print(details(results))
     return 0
 
 

@@ -327,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device-memory", help="memory per GPU (or per process on CPU), e.g. 80GB, for a verdict")
     plan.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="plan for CPU or for CUDA GPUs")
     plan.add_argument("--gpu", help="the GPU kind for its peak FLOP/s, e.g. H100, A100 (default H100)")
-    plan.add_argument("--mfu", type=_positive(float), help="model FLOPs utilisation to assume (default: CPU 0.55 "
-                      "measured here, GPU 0.35 assumed)")
+    plan.add_argument("--mfu", type=_positive(float), help="GPU: model FLOPs utilisation to assume (default 0.35); "
+                      "CPU: a factor on the matmul rates measured at the model's shapes (default 1)")
     plan.add_argument("--json", action="store_true", help="the figures as JSON; each key names its unit")
     plan.set_defaults(func=cmd_plan)
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model")

@@ -4,6 +4,7 @@ and a 70B model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from mftcoder.plan.memory import (RunSetup, activation_bytes, head_backward_byte
                                   trainable_params)
 from mftcoder.train.memory_meter import TensorBytes
 from mftcoder.plan.planner import Target, make_plan
+from mftcoder.plan.rates import CpuRates, measure_cpu_rates
 from mftcoder.plan.shape import lora_layers, read_shape
+from mftcoder.plan.timing import StepWork, cpu_step_terms, forward_passes, gpu_step_terms, step_flops, step_work
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -191,7 +194,7 @@ def test_json_keys_carry_their_units(run_cli, small_tasks):
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     for key in ("tensor_peak_bytes", "peak_bytes", "overhead_bytes", "device_memory_bytes", "step_time_s",
-                "step_flops", "total_time_s"):
+                "step_flops", "total_time_s", "step_time_terms_s"):
         assert key in out
     assert out["device_memory_bytes"] == 8 * 2**30 and out["fits"] is True
     assert out["peak_bytes"] == out["tensor_peak_bytes"] + out["overhead_bytes"]
@@ -236,3 +239,88 @@ def test_plan_of_the_trainers_own_config_matches_its_schedule(small_tasks):
     assert plan.schedule.steps_per_epoch is not None
     assert "tokenized cache" in plan.schedule.note
     assert 0.5 < plan.schedule.row_fill <= 1.0
+
+
+# --- the step time as a sum of terms -----------------------------------------------------------------------------
+RATES = CpuRates(linear_flops=80e9, frozen_linear_flops=70e9, head_flops=60e9, frozen_head_flops=50e9,
+                 attention_flops=40e9, softmax_logits=0.3e9, activation_bandwidth=50e9, weight_bandwidth=20e9,
+                 op_seconds=2e-6, dequantize_weights=5e9, gloo_bytes=1e9)
+
+
+def tiny_run(**changes) -> tuple:
+    """tiny-test's shape and a 4-row x 256-token run (one pass), with `changes` to the run."""
+    shape = read_shape(read_model_config("tiny-test"))
+    base = dict(rows_per_pass=4, row_tokens=256, micro_batch_rows=4)
+    if changes.get("method") in ("lora", "qlora"):
+        base["lora_targets"] = lora_layers(shape, "all-linear")
+    base.update(changes)
+    return shape, RunSetup(base.pop("method", "full"), 4, 4, **base)
+
+
+def test_time_terms_sum_to_the_step_time_and_carry_units(small_tasks):
+    config, _ = build_config({**small_tasks, "model_config": "tiny-test", "seq_length": 256,
+                              "per_device_train_batch_size": 4})
+    plan = make_plan(config, Target("cpu", 1))
+    assert all(key.endswith("_s") for key in plan.time_terms)
+    assert {"linears_s", "attention_s", "output_layer_matmul_s", "output_layer_softmax_s", "elementwise_s",
+            "optimizer_s", "step_overhead_s"} <= set(plan.time_terms)
+    assert plan.step_seconds == pytest.approx(sum(plan.time_terms.values()), rel=1e-12)
+    assert all(seconds >= 0 for seconds in plan.time_terms.values())
+
+
+def test_each_time_term_scales_as_its_formula():
+    shape, full = tiny_run()
+    _, lora = tiny_run(method="lora")
+    work = step_work(full, 0.5, 1.0)
+    assert work == StepWork(tokens=1024, rows=4, supervised=512, passes=1)
+    terms = cpu_step_terms(shape, full, work, RATES)
+    # the linears: 2 x 3 x weights x tokens at the measured rate; LoRA's frozen base 2/3 of that work
+    weights = 6 * (128 * 384 + 128 * 128 + 2 * 128 * 512)
+    assert terms["linears_s"] == pytest.approx(2 * 3 * weights * 1024 / 80e9)
+    same_rate = dataclasses.replace(RATES, frozen_linear_flops=RATES.linear_flops)
+    assert cpu_step_terms(shape, lora, work, same_rate)["linears_s"] == pytest.approx(2 / 3 * terms["linears_s"])
+    assert forward_passes(tiny_run(checkpointing=True)[1]) == 4
+    # the output layer: supervised tokens only; doubling them doubles both of its terms
+    double = cpu_step_terms(shape, full, StepWork(1024, 4, 1024, 1), RATES)
+    for key in ("output_layer_matmul_s", "output_layer_softmax_s"):
+        assert double[key] == pytest.approx(2 * terms[key])
+    assert terms["output_layer_matmul_s"] == pytest.approx(6 * 50304 * 128 * 512 / 60e9)
+    assert terms["output_layer_softmax_s"] == pytest.approx(512 * 50304 / 0.3e9)
+    # attention: every row x row pair of each row, forward and backward (3 x 4 n^2 heads head_dim), per layer
+    assert terms["attention_s"] == pytest.approx(3 * 4 * 4 * 256 ** 2 * 4 * 32 * 6 / 40e9)
+    long_rows = dataclasses.replace(full, row_tokens=512, rows_per_pass=2, micro_batch_rows=2)
+    longer = cpu_step_terms(shape, long_rows, step_work(long_rows, 0.5, 1.0), RATES)
+    assert longer["attention_s"] == pytest.approx(2 * terms["attention_s"])  # half the rows, each 4x the pairs
+    # AdamW: 23 accesses of each trainable byte; LoRA trains far fewer; FSDP steps a shard
+    assert terms["optimizer_s"] == pytest.approx(14_067_712 * 4 * 23 / 20e9)
+    fsdp = dataclasses.replace(full, engine="fsdp", nproc=2)
+    assert cpu_step_terms(shape, fsdp, work, RATES)["optimizer_s"] == pytest.approx(terms["optimizer_s"] / 2)
+    # FSDP2 x 2: weights gathered for forward and backward, float32 gradients reduce-scattered, half of each received
+    assert cpu_step_terms(shape, fsdp, work, RATES)["communication_s"] == pytest.approx(
+        0.5 * (2 * 14_067_712 * 4 + 14_067_712 * 4) / 1e9)
+    assert terms["communication_s"] == 0.0
+    # QLoRA: each linear's weights dequantized in forward and backward
+    _, qlora = tiny_run(method="qlora", quantization="nf4")
+    assert cpu_step_terms(shape, qlora, work, RATES)["dequantization_s"] == pytest.approx(2 * weights / 5e9)
+    # twice the passes (max_forward_tokens): twice the operators, the same arithmetic
+    split = dataclasses.replace(full, rows_per_pass=2, passes_per_step=2)
+    halves = cpu_step_terms(shape, split, step_work(split, 0.5, 1.0), RATES)
+    assert halves["linears_s"] == terms["linears_s"]
+    assert halves["operator_dispatch_s"] == pytest.approx(2 * terms["operator_dispatch_s"])
+
+
+def test_cuda_time_is_flops_over_peak_and_mfu():
+    shape, run = tiny_run()
+    work = step_work(run, 0.5, 1.0)
+    (seconds,) = gpu_step_terms(shape, run, work, 989e12, 0.35).values()
+    assert seconds == pytest.approx(step_flops(shape, run, work) / (989e12 * 0.35))
+
+
+def test_cpu_rates_are_measured_once_per_shape():
+    started = time.perf_counter()
+    first = measure_cpu_rates(64, 32, 64, 2, 16, 256, 32, 32)
+    took = time.perf_counter() - started
+    started = time.perf_counter()
+    assert measure_cpu_rates(64, 32, 64, 2, 16, 256, 32, 32) is first  # cached: no second measurement
+    assert time.perf_counter() - started < 0.01 < took
+    assert first.linear_flops > 0 and first.softmax_logits > 0 and first.op_seconds < 1e-3

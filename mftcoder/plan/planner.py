@@ -11,8 +11,8 @@ from pathlib import Path
 from mftcoder.config import CPU_FORWARD_TOKENS, Config, resolve_for_world
 from mftcoder.plan.memory import GIB, MemoryPlan, RunSetup, plan_memory, trainable_params
 from mftcoder.plan.shape import ModelShape, PlanError, lora_layers, read_shape
-from mftcoder.plan.timing import (ASSUMED_FILL, CPU_MFU, GPU_DEFAULT_MFU, Schedule, cached_stats, cpu_matmul_rate, gpu_peak,
-                                  schedule, step_flops)
+from mftcoder.plan.timing import (ASSUMED_FILL, GPU_DEFAULT_MFU, Schedule, cached_stats, cpu_rates_for, cpu_step_terms,
+                                  gpu_peak, gpu_step_terms, schedule, step_flops, step_work)
 
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # assumption: CUDA context + kernels, outside the caching allocator
 CUDA_ALLOCATOR_SLACK = 0.10  # assumption: reserved but unallocated blocks of the caching allocator, of the peak
@@ -40,7 +40,7 @@ class Plan:
     overhead_bytes: int
     schedule: Schedule
     flops_per_step: float
-    flops_per_s: float
+    time_terms: dict[str, float]  # seconds per term of one step (keys end in _s); their sum is the step time
     rate_source: str
     advice: list[tuple[str, int]] = field(default_factory=list)
 
@@ -51,7 +51,8 @@ class Plan:
 
     @property
     def step_seconds(self) -> float:
-        return self.flops_per_step / self.flops_per_s
+        """The predicted step time: the sum of the time terms."""
+        return sum(self.time_terms.values())
 
     @property
     def fits(self) -> bool | None:
@@ -123,17 +124,19 @@ def make_plan(config: Config, target: Target, shape: ModelShape | None = None, s
         sched = dataclasses.replace(sched, total_steps=steps, steps_per_epoch=steps_per_epoch or sched.steps_per_epoch)
     run = run_setup(config, shape, target, sched)
     memory = plan_memory(shape, run)
-    tokens_per_rank = sched.tokens_per_step // target.nproc
-    flops = step_flops(shape, run, tokens_per_rank, int(tokens_per_rank * sched.supervised_fraction), run.row_tokens)
+    work = step_work(run, sched.supervised_fraction, sched.row_fill)
     if target.device == "cuda":
         peak, source = gpu_peak(target.gpu)
         mfu = target.mfu or GPU_DEFAULT_MFU
+        terms, source = gpu_step_terms(shape, run, work, peak, mfu), f"{source} x MFU {mfu:.0%}"
     else:
-        peak = cpu_matmul_rate(run.pass_tokens, shape.hidden, shape.intermediate)
-        source = f"float32 matmul rate measured now at the model's shape, {peak / 1e9:.0f} GFLOP/s"
-        mfu = target.mfu or CPU_MFU
-    plan = Plan(shape, run, target, memory, overhead(memory.peak, target), sched, flops, peak * mfu,
-                f"{source} x MFU {mfu:.0%}")
+        rates = cpu_rates_for(shape, run, work)
+        terms = cpu_step_terms(shape, run, work, rates, target.mfu or 1.0)
+        source = f"CPU rates measured now at the model's shapes: {rates.describe()}"
+        if target.mfu:
+            source += f"; matmul rates x {target.mfu:g} (--mfu)"
+    plan = Plan(shape, run, target, memory, overhead(memory.peak, target), sched, step_flops(shape, run, work),
+                terms, source)
     plan.advice = advise(config, shape, target, plan)
     return plan
 

@@ -49,8 +49,12 @@ def render(plan: Plan) -> str:
               f"| runtime and allocator overhead | {plan.overhead_bytes / GIB:.3f} |",
               f"| **peak per rank** | **{plan.device_peak / GIB:.3f}** |", ""]
     sched = plan.schedule
-    lines += [f"time: {sched.tokens_per_step:,} tokens per step, {plan.flops_per_step:.3g} FLOPs per rank per step, "
-              f"{duration(plan.step_seconds)} per step ({plan.rate_source})",
+    lines += [f"time: {sched.tokens_per_step:,} tokens per step, {plan.flops_per_step:.3g} matmul FLOPs per rank per "
+              f"step, {duration(plan.step_seconds)} per step ({plan.rate_source})", "", "| step time term | s |",
+              "|---|---:|"]
+    lines += [f"| {name.removesuffix('_s').replace('_', ' ')} | {seconds:.3f} |"
+              for name, seconds in plan.time_terms.items() if seconds]
+    lines += [f"| **step** | **{plan.step_seconds:.3f}** |", "",
               f"steps: {sched.steps_per_epoch or 'unknown'} per epoch, {sched.total_steps or 'unknown'} in all, "
               f"about {duration(total_seconds(plan))} ({sched.note})", "", verdict(plan)]
     if plan.advice:
@@ -70,7 +74,7 @@ def as_json(plan: Plan) -> dict:
         "peak_bytes": plan.device_peak, "device_memory_bytes": plan.target.memory_bytes, "fits": plan.fits,
         "largest_component": mem.largest()[0], "verdict": verdict(plan),
         "tokens_per_step": sched.tokens_per_step, "step_flops": plan.flops_per_step,
-        "flops_per_s": plan.flops_per_s, "step_time_s": plan.step_seconds,
+        "step_time_terms_s": dict(plan.time_terms), "step_time_s": plan.step_seconds, "rates": plan.rate_source,
         "steps_per_epoch": sched.steps_per_epoch, "total_steps": sched.total_steps, "total_time_s": total_seconds(plan),
         "schedule_note": sched.note,
         "advice": [{"change": text, "peak_bytes": peak} for text, peak in plan.advice],
