@@ -104,6 +104,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from mftcoder.plan.planner import Target, make_plan  # lazy: torch loads only for this command
+    from mftcoder.plan.report import as_json, render
+    from mftcoder.plan.shape import PlanError
+
+    config = _load(args)
+    target = Target(args.device, args.nproc, _memory_size(args.device_memory), args.gpu, args.mfu)
+    try:
+        plan = make_plan(config, target)
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(as_json(plan), indent=1) if args.json else render(plan))
+    return 0 if plan.fits is not False else 1
+
+
+def _memory_size(text: str | None) -> int | None:
+    """'80GB', '24GiB', '512MB' or a number of bytes -> bytes (GB and GiB both read as 2**30: GPUs are sold so)."""
+    if text is None:
+        return None
+    units = {"tb": 2**40, "tib": 2**40, "gb": 2**30, "gib": 2**30, "g": 2**30, "mb": 2**20, "mib": 2**20, "b": 1}
+    number = text.strip().lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if number.endswith(unit):
+            number, scale = number[:-len(unit)], units[unit]
+            break
+    else:
+        scale = 1
+    try:
+        return int(float(number) * scale)
+    except ValueError:
+        raise ConfigError(f"--device-memory: expected a size like 80GB, got {text!r}") from None
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     """An allocation that failed: torch's on a GPU or on the CPU, or Python's own."""
     text = str(exc)
@@ -285,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = with_config(commands.add_parser("train", help="multi-task fine-tuning, full or LoRA"))
     train.add_argument("--nproc", type=int, default=1, help="start this many processes with torchrun (data parallel)")
     train.set_defaults(func=cmd_train)
+    plan = with_config(commands.add_parser("plan", help="will it fit, how long will it take: memory per rank by "
+                                           "component, step time, advice (no weights loaded)"))
+    plan.add_argument("--nproc", type=_positive(int), default=1, help="ranks (processes) the run would use")
+    plan.add_argument("--device-memory", help="memory per GPU (or per process on CPU), e.g. 80GB, for a verdict")
+    plan.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="plan for CPU or for CUDA GPUs")
+    plan.add_argument("--gpu", help="the GPU kind for its peak FLOP/s, e.g. H100, A100 (default H100)")
+    plan.add_argument("--mfu", type=_positive(float), help="GPU: model FLOPs utilisation to assume (default 0.35); "
+                      "CPU: a factor on the matmul rates measured at the model's shapes (default 1)")
+    plan.add_argument("--json", action="store_true", help="the figures as JSON; each key names its unit")
+    plan.set_defaults(func=cmd_plan)
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model")
     merge.add_argument("--base", "--base_model_or_path", required=True, help="the base model directory")
     merge.add_argument("--adapter", "--adaptor_path", required=True, help="the LoRA checkpoint directory")

@@ -22,6 +22,7 @@ from mftcoder.loss import StepCounts, TaskTotals
 from mftcoder.model import load_tokenizer
 from mftcoder.objectives import Objective, StepLoss, make_objective
 from mftcoder.objectives.base import RunParts
+from mftcoder.plan.check import PlanCheck
 from mftcoder.train import checkpoint as ckpt
 from mftcoder.train.distributed import DistEnv, Parallelism, init_distributed, shutdown
 from mftcoder.train.evaluators import make_evaluators
@@ -97,6 +98,7 @@ class Trainer:
         self._build_model(config, env)
         self._build_batches(config, env)
         self._build_schedule(config)
+        self.plan_check = PlanCheck.start(config, env, self.total_steps, self.steps_per_epoch)
         self.state = ckpt.TrainerState()
         tb_dir = Path(config.tensorboard_dir) if config.tensorboard_dir else self.output_dir / "runs"
         resumed = ckpt.read_state(self.resume_from) if self.resume_from else None
@@ -218,6 +220,7 @@ class Trainer:
                     if early_stop:
                         break
         self.result.final_checkpoint = self.save(f"checkpoint-{state.step}", only_if_missing=True)
+        self.plan_check.end(self.result.train_seconds, len(self.result.step_losses))
         if config.plot_curves and self.env.is_main:
             drawn = write_curves(self.output_dir)
             tqdm.write(f"curves: {drawn}" if drawn else "note: no curves.png: matplotlib is not installed "

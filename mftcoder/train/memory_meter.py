@@ -13,7 +13,9 @@ from torch.utils._pytree import tree_leaves
 class TensorBytes(TorchDispatchMode):
     """`start` bytes (what was on the device already) plus every storage an operation creates or returns on `device`
     while a tensor on it lives; `.peak` is the most at once. On CPU the training device is the host, so a host tensor
-    an operation hands on (one being broadcast) counts as in transit, as its copy on a GPU would."""
+    an operation hands on (one being broadcast) counts as in transit, as its copy on a GPU would. An operation that
+    returns an alias of its input (a view, an in-place update: the optimizer's on the weights and its state) creates
+    no storage: it keeps a storage counted here alive, or one that was there before (in `start`) and adds nothing."""
 
     def __init__(self, device: torch.device, start: int = 0):
         super().__init__()
@@ -22,18 +24,19 @@ class TensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        aliases = any(r.alias_info is not None for r in func._schema.returns)
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.device == self.device and not tensor.is_meta:
-                self._track(tensor)
+                self._track(tensor, aliases)
         return out
 
-    def _track(self, tensor: torch.Tensor) -> None:
+    def _track(self, tensor: torch.Tensor, alias: bool = False) -> None:
         try:
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
         except RuntimeError:  # a wrapper subclass (DTensor) has no storage of its own: its local tensor is tracked
             return
-        if key == 0:
+        if key == 0 or (alias and key not in self.live):  # no storage, or one there before the meter started
             return
         if key not in self.live:
             self.live[key] = [storage.nbytes(), 0]
