@@ -227,18 +227,25 @@ def test_70b_full_fine_tuning_does_not_fit_one_80gb_gpu(run_cli, tmp_path):
     assert out["advice"][-1]["peak_bytes"] < 80 * 2**30  # everything together fits
 
 
-def test_plan_of_the_trainers_own_config_matches_its_schedule(small_tasks):
-    """With the data cached, plan counts the steps the trainer will run (same packing of the same lengths)."""
-    from mftcoder.model import load_tokenizer
-    from mftcoder.data.prepare import prepare_data
+@pytest.mark.parametrize("mode", ["pack", "dynamic"])
+def test_plan_counts_the_steps_the_trainer_runs(small_tasks, mode, tmp_path):
+    """With the data cached, plan draws and arranges an epoch with the trainer's own functions: the same steps per
+    epoch, data_weights (2.5 = twice plus a random half) and a file-order split included."""
+    from mftcoder.train.distributed import init_distributed
+    from mftcoder.train.loop import Trainer
 
-    config, _ = build_config({**small_tasks, "model_config": "tiny-test", "seq_length": 256,
-                              "per_device_train_batch_size": 2})
-    prepare_data(config, *load_tokenizer(config))  # the cache plan reads
+    task = Path(small_tasks["data_paths"][0]).name
+    config, _ = build_config({**small_tasks, "model_config": "tiny-test", "seq_length": 256, "padding_mode": mode,
+                              "per_device_train_batch_size": 2, "data_weights": {task: 2.5}, "data_split": "70,30,0",
+                              "shuffle_before_split": False, "output_dir": str(tmp_path / "run")})
+    trainer = Trainer(config, init_distributed())  # tokenizes: the cache plan reads
     plan = make_plan(config, Target("cpu", 1))
-    assert plan.schedule.steps_per_epoch is not None
     assert "tokenized cache" in plan.schedule.note
-    assert 0.5 < plan.schedule.row_fill <= 1.0
+    assert plan.schedule.steps_per_epoch == trainer.steps_per_epoch == len(trainer._epoch_steps(0))
+    rows = [row for step in trainer._epoch_steps(0) for batch in step for row in batch]
+    lengths = {t.task.id: t.lengths for t in trainer.data.per_task}
+    real = sum(int(lengths[task_id][record]) for row in rows for task_id, record in row)
+    assert plan.schedule.row_fill == pytest.approx(real / (len(rows) * trainer.row_capacity))
 
 
 # --- the step time as a sum of terms -----------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def make_plan(config: Config, target: Target, shape: ModelShape | None = None, s
     config = resolve_for_world(config, target.nproc)
     shape = shape or read_shape(model_config_json(config))
     probe = run_setup(config, shape, target)
-    sched = schedule(config, cached_stats(config), target.nproc, probe.row_tokens, config.padding_mode != "padding",
+    sched = schedule(config, cached_stats(config), target.nproc, probe.row_tokens, config.padding_mode,
                      probe.rows_per_pass)
     if steps is not None:
         sched = dataclasses.replace(sched, total_steps=steps, steps_per_epoch=steps_per_epoch or sched.steps_per_epoch)

@@ -31,6 +31,7 @@ class DataStats:
     lengths: np.ndarray | None
     supervised: np.ndarray | None
     source: str  # where the figures come from (a cache folder) or why they are unknown
+    task_sizes: tuple[tuple[str, int], ...] = ()  # (task name, records) in data order: lengths are their concatenation
 
 
 def _task_folders(config: Config) -> list[tuple[str, Path]]:
@@ -47,7 +48,7 @@ def cached_stats(config: Config) -> DataStats:
     if not tasks:
         return DataStats(None, None, "no data_paths: steps per epoch unknown")
     root = Path(config.data_cache_dir) if config.data_cache_dir else default_cache_root()
-    lengths, supervised, used = [], [], []
+    lengths, supervised, used, sizes = [], [], [], []
     for name, folder in tasks:
         files = sorted(str(p) for p in folder.rglob("*.jsonl"))
         found = []
@@ -69,7 +70,29 @@ def cached_stats(config: Config) -> DataStats:
         lengths.append(length[kept])
         supervised.append(np.add.reduceat(mask, starts[:-1][kept]).astype(np.int64) if kept.any() else length[kept])
         used.append(folder_used.name)
-    return DataStats(np.concatenate(lengths), np.concatenate(supervised), f"tokenized cache ({', '.join(used)})")
+        sizes.append((name, int(kept.sum())))
+    return DataStats(np.concatenate(lengths), np.concatenate(supervised), f"tokenized cache ({', '.join(used)})",
+                     tuple(sizes))
+
+
+def epoch_records(config: Config, stats: DataStats) -> np.ndarray:
+    """Indices into stats.lengths of one epoch's training records, as the trainer draws them: each task's train split
+    (split_indices), repeated by its data_weights (2.5 = twice plus a random half), shuffled together."""
+    from mftcoder.data.tasks import split_indices, task_rng
+
+    fractions, picked, start = split_fractions(config.data_split), [], 0
+    weights = config.data_weights
+    for k, (name, size) in enumerate(stats.task_sizes):
+        weight = weights.get(name, 1.0) if isinstance(weights, dict) else (weights[k] if k < len(weights) else 1.0)
+        train = start + split_indices(size, fractions, config.seed, name, config.shuffle_before_split)[0]
+        whole, fraction = int(weight), weight - int(weight)
+        picked += [np.tile(train, whole)]
+        if fraction > 0:
+            rng = task_rng(config.seed, name, "sample-epoch-0")
+            picked.append(rng.choice(train, size=round(fraction * len(train)), replace=False))
+        start += size
+    records = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+    return records[np.random.default_rng([config.seed, 0, 0x5EED]).permutation(len(records))]
 
 
 @dataclass
@@ -85,48 +108,43 @@ class Schedule:
     note: str
 
 
-def schedule(config: Config, stats: DataStats, nproc: int, row_capacity: int, packed: bool,
+def schedule(config: Config, stats: DataStats, nproc: int, row_capacity: int, mode: str,
              pass_rows: int = 1) -> Schedule:
-    """Steps follow from the training split's lengths (truncated to seq_length) packed first-fit into rows (as the
-    trainer packs them, one window of the data at a time), rows per micro-batch, ranks and accumulation."""
-    from mftcoder.data.batching import PACK_WINDOW, pack_first_fit_decreasing
+    """Steps follow from the training split's lengths, drawn and arranged into rows by the trainer's own functions
+    (epoch_records, batching.arrange_rows: packing, dynamic grouping or padding), rows per micro-batch, ranks and
+    accumulation: with the data cached, the steps of an epoch are the trainer's."""
+    from mftcoder.data.batching import arrange_rows
 
     rows_per_step = config.per_device_train_batch_size * nproc * config.gradient_accumulation_steps
     if stats.lengths is None or not len(stats.lengths):
         tokens = int(rows_per_step * row_capacity * ASSUMED_FILL)
         return Schedule(ASSUMED_FILL, 0.6, None, None, config.max_steps if config.max_steps > 0 else None, tokens,
                         f"{stats.source}; assumed rows {ASSUMED_FILL:.0%} full and 60% of tokens supervised")
-    train_share = split_fractions(config.data_split)[0]
+    order = epoch_records(config, stats)
     lengths = np.minimum(stats.lengths, config.seq_length)
-    count = max(1, int(len(lengths) * train_share))
-    order = np.random.default_rng(config.seed).permutation(len(lengths))[:count]
-    lengths = lengths[order]
-    if packed:
-        bins = [[i + k for k in b] for i in range(0, len(lengths), PACK_WINDOW)
-                for b in pack_first_fit_decreasing(lengths[i:i + PACK_WINDOW], row_capacity)]
-    else:
-        bins = [[k] for k in range(len(lengths))]
-    rows = len(bins)
-    fill = float(lengths.sum()) / (rows * row_capacity)
-    steps = math.ceil(math.ceil(rows / (config.per_device_train_batch_size * nproc)) / config.gradient_accumulation_steps)
+    plan = np.stack([np.zeros(len(order), dtype=np.int64), order], axis=1)
+    rows = arrange_rows(plan, lengths[order], mode, row_capacity, config.per_device_train_batch_size * nproc,
+                        np.random.default_rng([config.seed, 0, 0xA11]))
+    fill = float(lengths[order].sum()) / (len(rows) * row_capacity)
+    steps = math.ceil(math.ceil(len(rows) / (config.per_device_train_batch_size * nproc)) / config.gradient_accumulation_steps)
     total = steps * config.num_train_epochs
     if config.max_steps > 0:
         total = min(total, config.max_steps)
     supervised = float(np.minimum(stats.supervised, config.seq_length).sum() / max(1, stats.lengths.sum()))
     passes = total * nproc * config.gradient_accumulation_steps * -(-config.per_device_train_batch_size // pass_rows)
-    fullest = fullest_pass(bins, np.minimum(stats.supervised[order], lengths), pass_rows, passes, config.seed)
+    row_supervised = [int(np.minimum(stats.supervised, lengths)[row[:, 1]].sum()) for row in rows]
+    fullest = fullest_pass(row_supervised, pass_rows, passes)
     return Schedule(fill, supervised, fullest, steps, total, int(rows_per_step * row_capacity * fill),
-                    f"from the {stats.source}: {count} training samples in {rows} rows ({fill:.0%} full)")
+                    f"from the {stats.source}: {len(order)} training samples in {len(rows)} rows ({fill:.0%} full)")
 
 
-def fullest_pass(bins: list[list[int]], supervised: np.ndarray, pass_rows: int, passes: int, seed: int) -> int:
-    """Supervised tokens of the fullest of the run's forward passes (at most an epoch's): the rows shuffled, as the
-    trainer shuffles them, and taken pass_rows at a time. The output layer's logits chunk grows with them, so the
-    run's peak is that pass's; a run shorter than an epoch sees a sample of its passes, as this does."""
-    per_row = np.array([int(supervised[b].sum()) for b in bins])
-    per_row = per_row[np.random.default_rng(seed).permutation(len(per_row))]
-    sums = np.add.reduceat(per_row, np.arange(0, len(per_row), max(1, pass_rows)))[:max(1, passes)]
-    return int(sums.max()) if len(sums) else 0
+def fullest_pass(row_supervised: list[int], pass_rows: int, passes: int) -> int:
+    """Supervised tokens of the fullest of the run's forward passes (at most an epoch's): the rows in the trainer's
+    order, taken pass_rows at a time. The output layer's logits chunk grows with them, so the run's peak is that
+    pass's."""
+    per_row = np.array(row_supervised, dtype=np.int64)
+    sums = np.add.reduceat(per_row, np.arange(0, len(per_row), max(1, pass_rows)))[:max(1, passes)] if len(per_row) else []
+    return int(max(sums)) if len(sums) else 0
 
 
 # --- step time: a sum of terms --------------------------------------------------------------------------------------
