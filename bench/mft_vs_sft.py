@@ -63,20 +63,49 @@ class Job:
     folder: Path  # its output folder; folder/job.json marks it done (with its wall time)
     command: Callable[[], list[str]]  # built when the job starts (a later job may depend on earlier results)
     after: tuple[str, ...] = ()
+    output: str = ""  # what a successful run leaves in folder (to adopt a run a stopped driver left going)
 
     @property
     def done(self) -> bool:
         return (self.folder / "job.json").exists()
 
 
+class Adopted:
+    """A job's process left running by an earlier driver (folder/pid): polled by pid, successful when it left its
+    output."""
+
+    def __init__(self, pid: int, output: Path):
+        self.pid, self.output, self.returncode = pid, output, None
+
+    @staticmethod
+    def find(job: Job) -> "Adopted | None":
+        try:
+            pid = int((job.folder / "pid").read_text())
+            alive = str(job.folder) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            return None
+        return Adopted(pid, job.folder / job.output) if alive else None
+
+    def poll(self) -> int | None:
+        if Path(f"/proc/{self.pid}").exists():
+            return None
+        self.returncode = 0 if self.output.exists() else 1
+        return self.returncode
+
+    def terminate(self) -> None:
+        os.kill(self.pid, 15)
+
+
 def run_jobs(jobs: list[Job], slots: int) -> None:
     """Run the jobs, `slots` at a time, each with cores // slots threads, in list order as their dependencies finish;
-    stop at the first failure (its log's tail)."""
+    stop at the first failure (its log's tail). Jobs an earlier driver left running are waited for, not restarted."""
     threads = max(1, (os.cpu_count() or 1) // slots)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
-    waiting = [job for job in jobs if not job.done]
     finished = {job.name for job in jobs if job.done}
-    running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
+    running: dict[str, tuple[Job, subprocess.Popen | Adopted, float]] = {
+        job.name: (job, adopted, (job.folder / "pid").stat().st_mtime)
+        for job in jobs if not job.done and (adopted := Adopted.find(job)) is not None}
+    waiting = [job for job in jobs if not job.done and job.name not in running]
     while waiting or running:
         for job in [j for j in waiting if set(j.after) <= finished][:slots - len(running)]:
             waiting.remove(job)
@@ -84,8 +113,9 @@ def run_jobs(jobs: list[Job], slots: int) -> None:
             command = job.command()
             (job.folder / "command.txt").write_text(shlex.join(command) + "\n")
             log = open(job.folder / "job.log", "w")
-            running[job.name] = (job, subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                                       env=env), time.time())
+            process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+            (job.folder / "pid").write_text(str(process.pid))
+            running[job.name] = (job, process, time.time())
             print(f"[{time.strftime('%H:%M:%S')}] start {job.name}", flush=True)
         time.sleep(2)
         for name, (job, process, started) in list(running.items()):
@@ -146,12 +176,13 @@ def plan(args: argparse.Namespace, data: Path, work: Path) -> tuple[list[Job], d
         folder = work / "eval" / name
         adapter = run / checkpoint if run is not None else None
         jobs.append(Job(f"eval {name}", folder, lambda: eval_command(args, adapter, folder / "humaneval.jsonl"),
-                        after))
+                        after, "humaneval.summary.json"))
 
     def train(name: str, tasks: list[str], settings: Callable[[], dict] | dict) -> Path:
         folder = work / "train" / name
         extra = settings if callable(settings) else (lambda: settings)
-        jobs.append(Job(f"train {name}", folder, lambda: train_command(data, tasks, folder, {**common, **extra()})))
+        jobs.append(Job(f"train {name}", folder, lambda: train_command(data, tasks, folder, {**common, **extra()}),
+                        output=checkpoint))
         return folder
 
     layout: dict = {"single": {}, "multi": {}, "grid": {}}
@@ -176,7 +207,7 @@ def plan(args: argparse.Namespace, data: Path, work: Path) -> tuple[list[Job], d
                 f"single-{task}-seed{seed}", [task],
                 {"weighted_loss_mode": "case1", "seed": seed, "data_weights": {}})
     humaneval("base", None)
-    for seed in args.seeds:
+    for seed in args.seeds[:args.humaneval_seeds]:
         humaneval(f"single-{CLOSEST_TO_HUMANEVAL}-seed{seed}", layout["single"][CLOSEST_TO_HUMANEVAL][seed],
                   (f"train single-{CLOSEST_TO_HUMANEVAL}-seed{seed}",))
         for arm, mode in MULTI_TASK_ARMS.items():
@@ -188,7 +219,7 @@ def plan(args: argparse.Namespace, data: Path, work: Path) -> tuple[list[Job], d
     jobs.append(Job(f"eval coba-seed{first}", folder,
                     lambda: eval_command(args, layout["grid"][choose_coba(layout, args)] / checkpoint,
                                          folder / "humaneval.jsonl"),
-                    tuple(f"train coba-{s}-seed{first}" for s in grid)))
+                    tuple(f"train coba-{s}-seed{first}" for s in grid), "humaneval.summary.json"))
     return order_jobs(jobs), layout
 
 
@@ -201,6 +232,18 @@ def order_jobs(jobs: list[Job]) -> list[Job]:
         ordered.append(job)
         ordered += [e for e in evals if e.after and e.after[-1] == job.name and e not in ordered]
     return ordered + [e for e in evals if e not in ordered]
+
+
+def prune(layout: dict, steps: int) -> list[str]:
+    """Drop the runs that did not finish (a report written before every job ran); return their folders' names."""
+    dropped = []
+    for kind in ("single", "multi"):
+        for seeds in layout[kind].values():
+            for seed, run in list(seeds.items()):
+                if not (run / f"checkpoint-{steps}").exists():
+                    dropped.append(run.name)
+                    del seeds[seed]
+    return dropped
 
 
 def choose_coba(layout: dict, args: argparse.Namespace) -> str:
@@ -287,17 +330,19 @@ def results_table(layout: dict, args: argparse.Namespace, work: Path, best: bool
     rows: dict[str, dict[str, list[float]]] = {"base model": {**{t: [base[t]] for t in TASKS},
                                                               "worst": [max(base.values())],
                                                               "mean": [statistics.fmean(base.values())]}}
-    single = {t: [losses(layout["single"][t][s])[t] for s in args.seeds] for t in TASKS}
+    single = {t: {seed: losses(run)[t] for seed, run in layout["single"][t].items()} for t in TASKS}
+    complete = [seed for seed in args.seeds if all(seed in single[t] for t in TASKS)]  # worst/mean: whole seeds
     rows["single-task (one model per task)"] = {
-        **single, "worst": [max(single[t][i] for t in TASKS) for i in range(len(args.seeds))],
-        "mean": [statistics.fmean(single[t][i] for t in TASKS) for i in range(len(args.seeds))]}
+        **{t: list(single[t].values()) for t in TASKS}, "worst": [max(single[t][s] for t in TASKS) for s in complete],
+        "mean": [statistics.fmean(single[t][s] for t in TASKS) for s in complete]}
     for arm, seeds in arm_runs(layout, args).items():
         per_seed = [losses(run) for run in seeds.values()]
         rows[arm] = {**{t: [p[t] for p in per_seed] for t in TASKS}, "worst": [max(p.values()) for p in per_seed],
                      "mean": [statistics.fmean(p.values()) for p in per_seed]}
+    seeds = args.seeds[:args.humaneval_seeds]
     evals = {"base model": ["base"], "single-task (one model per task)":
-             [f"single-{CLOSEST_TO_HUMANEVAL}-seed{s}" for s in args.seeds]}
-    evals.update({arm: [f"{mode}-seed{s}" for s in args.seeds] for arm, mode in MULTI_TASK_ARMS.items()})
+             [f"single-{CLOSEST_TO_HUMANEVAL}-seed{s}" for s in seeds]}
+    evals.update({arm: [f"{mode}-seed{s}" for s in seeds] for arm, mode in MULTI_TASK_ARMS.items()})
     humaneval = {arm: [humaneval_result(work / "eval" / name) for name in names] for arm, names in evals.items()}
     columns = [*TASKS, "worst", "mean"]
     lowest = {c: min(statistics.fmean(r[c]) for r in rows.values()) for c in columns}
@@ -494,8 +539,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     parser.add_argument("--grid", type=int, default=3, help=f"coba settings to try (of {len(COBA_GRID)})")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--humaneval-seeds", type=int, default=99, help="HumanEval for the first N seeds (default all)")
     parser.add_argument("--humaneval-limit", type=int, default=0, help="only the first N problems (0: all 164)")
     parser.add_argument("--slots", type=int, default=2, help="jobs at once")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     parser.add_argument("--work", type=Path, default=None, help="runs and logs (default outputs/mft_vs_sft[_quick])")
     parser.add_argument("--doc", type=Path, default=None, help="report (default docs/mft_vs_sft.md; --quick: in work)")
     args = parser.parse_args(argv)
@@ -520,7 +567,11 @@ def main(argv: list[str] | None = None) -> int:
         mft_data.build(data, scale=scale, tokenizer_dir=MODEL)
     meta = json.loads(profile.read_text())
     jobs, layout = plan(args, data, args.work)
-    run_jobs(jobs, args.slots)
+    if not args.report_only:
+        run_jobs(jobs, args.slots)
+    missing = prune(layout, args.steps)
+    if missing:
+        print(f"report without the unfinished runs: {', '.join(missing)}")
     figure = args.doc.with_suffix(".png")
     plot(layout, args, figure)
     keep_completions(args.work, args.doc.parent / args.doc.stem)
