@@ -49,7 +49,7 @@ def test_quick_benchmark_runs_every_arm_and_its_completions_rescore(tmp_path):
         plain = tmp_path / path.name.removesuffix(".gz")
         plain.write_text("".join(json.dumps({"task_id": r["task_id"], "completion": r["completion"]}) + "\n"
                                  for r in rows))
-        assert main(["eval", "--completions", str(plain), "--limit", "8", "--output",
+        assert main(["eval", "--completions", str(plain), "--output",
                      str(tmp_path / f"{path.stem}.rescored.jsonl"), "--workers", "1"]) == 0
         rescored = json.loads((tmp_path / f"{path.stem}.rescored.jsonl").with_suffix(".summary.json").read_text())
         summary = json.loads((path.parent / path.name.replace(".jsonl.gz", ".summary.json")).read_text())
