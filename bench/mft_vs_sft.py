@@ -546,6 +546,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--humaneval-limit", type=int, default=0, help="only the first N problems (0: all 164)")
     parser.add_argument("--slots", type=int, default=2, help="jobs at once")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
+    parser.add_argument("--skip", action="append", default=[], help="a job not to run (its name as printed, e.g. "
+                        "'train single-code_docstring-seed2'); repeat for several; the report goes without it")
     parser.add_argument("--work", type=Path, default=None, help="runs and logs (default outputs/mft_vs_sft[_quick])")
     parser.add_argument("--doc", type=Path, default=None, help="report (default docs/mft_vs_sft.md; --quick: in work)")
     args = parser.parse_args(argv)
@@ -570,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         mft_data.build(data, scale=scale, tokenizer_dir=MODEL)
     meta = json.loads(profile.read_text())
     jobs, layout = plan(args, data, args.work)
+    jobs = [job for job in jobs if job.name not in args.skip]
     if not args.report_only:
         run_jobs(jobs, args.slots)
     missing = prune(layout, args.steps)
