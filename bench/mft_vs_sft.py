@@ -45,6 +45,7 @@ CONFIG = REPO / "configs" / "smollm2-mft.yaml"
 MODEL = Path(os.environ.get("MFTCODER_SMOLLM2", REPO / "models" / "SmolLM2-135M-Instruct"))
 TASKS = [spec.name for spec in mft_data.task_specs()]
 CLOSEST_TO_HUMANEVAL = "code_generation"
+SMALL_TASK = "code_docstring"  # the small, hard task the CoBa study repeats
 MULTI_TASK_ARMS = {"mixed (case1)": "case1", "MFT case3": "case3", "MFT coba": "coba"}
 COBA_GRID = {  # name -> settings; the first is the config's own (--grid: how many to try)
     "w8-h16-tau5": {"coba_warmup_steps": 8, "coba_history_length": 16, "coba_tau": 5.0},
@@ -220,7 +221,18 @@ def plan(args: argparse.Namespace, data: Path, work: Path) -> tuple[list[Job], d
                     lambda: eval_command(args, layout["grid"][choose_coba(layout, args)] / checkpoint,
                                          folder / "humaneval.jsonl"),
                     tuple(f"train coba-{s}-seed{first}" for s in grid), "humaneval.summary.json"))
-    return order_jobs(jobs), layout
+    ordered = order_jobs(jobs)
+    if args.study_weight:  # last: CoBa where the small task repeats enough to over-fit (case3 beside it)
+        jobs.clear()
+        layout["study"] = {}
+        weights = {"data_weights": {SMALL_TASK: args.study_weight}, "seed": first}
+        layout["study"]["MFT case3"] = train(f"study-case3-seed{first}", TASKS,
+                                             {**weights, "weighted_loss_mode": "case3"})
+        layout["study"]["MFT coba"] = train(f"study-coba-seed{first}", TASKS, lambda: {
+            **weights, "weighted_loss_mode": "coba", **grid[choose_coba(layout, args)]})
+        jobs[-1].after = tuple(f"train coba-{s}-seed{first}" for s in grid)
+        ordered += jobs
+    return ordered, layout
 
 
 def order_jobs(jobs: list[Job]) -> list[Job]:
@@ -243,6 +255,10 @@ def prune(layout: dict, steps: int) -> list[str]:
                 if not (run / f"checkpoint-{steps}").exists():
                     dropped.append(run.name)
                     del seeds[seed]
+    for arm, run in list(layout.get("study", {}).items()):
+        if not (run / f"checkpoint-{steps}").exists():
+            dropped.append(run.name)
+            del layout["study"][arm]
     return dropped
 
 
@@ -420,6 +436,39 @@ def curve_table(layout: dict, args: argparse.Namespace, task: str) -> str:
     return "\n".join(lines)
 
 
+def study_text(layout: dict, args: argparse.Namespace) -> str:
+    """The CoBa study's section: each task's held-out curve under case3 and coba with the small task repeated, the
+    last and the lowest losses with the worst task, and coba's weights over steps."""
+    runs = layout.get("study", {})
+    if len(runs) < 2:
+        return "(not run: `--study-weight 0`, or its runs did not finish)"
+    base = base_losses(layout, args)
+    parts = [f"The same {args.steps} steps with `data_weights: {{{SMALL_TASK}: {args.study_weight:g}}}` (the small "
+             f"task {args.study_weight:g} times per epoch), seed {args.seeds[0]}; coba with the setting chosen above."]
+    for task in TASKS:
+        curves_ = {arm: held_out_curve({0: run}, task, base[task]) for arm, run in runs.items()}
+        steps = next(iter(curves_.values()))[0]
+        lines = ["| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+        lines += [f"| {arm} | " + " | ".join(f"{v:.3f}" for v in values) + " |" for arm, (_, values) in curves_.items()]
+        parts.append(f"`{task}`:\n\n" + "\n".join(lines))
+    lines = ["| arm | " + " | ".join(f"`{t}`" for t in TASKS) + " | worst (last) | worst (lowest over evaluations) |",
+             "|---|" + "---:|" * (len(TASKS) + 2)]
+    for arm, run in runs.items():
+        last = final_losses(run, args.steps)
+        lowest = {t: min(v for s, v in zip(*c) if s > 0) for t, c in curves(run, "eval").items()}
+        lines.append(f"| {arm} | " + " | ".join(f"{last[t]:.3f}" for t in TASKS) +
+                     f" | {max(last.values()):.3f} | {max(lowest.values()):.3f} |")
+    parts.append("Last evaluation:\n\n" + "\n".join(lines))
+    weights = curves(runs["MFT coba"], "train", "weight/")
+    marks = [s for s in range(0, args.steps + 1, max(1, args.steps // 6)) if s > 0]
+    rows = ["| task | " + " | ".join(f"step {s}" for s in marks) + " |", "|---|" + "---:|" * len(marks)]
+    for task, (steps, values) in weights.items():
+        at = dict(zip(steps, values))
+        rows.append(f"| `{task}` | " + " | ".join(f"{at[s]:.2f}" if s in at else "-" for s in marks) + " |")
+    parts.append("coba's task weights:\n\n" + "\n".join(rows))
+    return "\n\n".join(parts)
+
+
 def keep_completions(work: Path, target: Path) -> list[str]:
     """Each HumanEval results file (task_id, completion, verdict per row), gzipped into target."""
     target.mkdir(parents=True, exist_ok=True)
@@ -496,6 +545,10 @@ The single-task row takes each task's loss from the model trained on that task a
 
 ![held-out loss per task and coba's weights]({figure.name})
 
+## CoBa in its own setting: the small task repeated until it can over-fit
+
+{study_text(layout, args)}
+
 ## CoBa's settings (grid, seed {args.seeds[0]}, chosen on the mean held-out loss at the last step)
 
 {grid_table(layout, args)}
@@ -545,6 +598,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--humaneval-seeds", type=int, default=99, help="HumanEval for the first N seeds (default all)")
     parser.add_argument("--humaneval-limit", type=int, default=0, help="only the first N problems (0: all 164)")
     parser.add_argument("--slots", type=int, default=2, help="jobs at once")
+    parser.add_argument("--study-weight", type=float, default=8.0, help="CoBa study: the small task this many "
+                        "times per epoch, case3 and coba, first seed (0: no study)")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     parser.add_argument("--skip", action="append", default=[], help="a job not to run (its name as printed, e.g. "
                         "'train single-code_docstring-seed2'); repeat for several; the report goes without it")
