@@ -6,14 +6,16 @@ Arms: the base model untouched; single-task SFT (one LoRA per task); mixed SFT (
 MFT `coba` (its settings chosen on validation from a small grid run with the first seed). Every trained arm is a
 `python -m mftcoder train configs/smollm2-mft.yaml ...` subprocess for the same number of optimizer steps of the
 same packed rows; HumanEval (all 164, greedy) is a `python -m mftcoder eval` subprocess per arm and seed. Jobs run
-two at a time with one thread each (on 2 cores that is ~2x the throughput of one job with two threads).
+two at a time with one thread each (two single-thread jobs keep two cores busy without contending for them).
 
 Writes docs/mft_vs_sft.md (tables, settings, commands, times), docs/mft_vs_sft.png (held-out loss curves per task;
 CoBa's task weights) and docs/mft_vs_sft/ (each arm's HumanEval completions with their verdicts, gzipped). A
 hand-written part below the marker in the doc is kept when it is written again. Finished jobs are not run again
 (delete --work to start over).
 
-    .venv/bin/python bench/mft_vs_sft.py              # ~2 hours on 2 CPU cores
+    .venv/bin/python bench/mft_vs_sft.py              # the whole design: ~3.5 hours on 2 CPU cores
+    .venv/bin/python bench/mft_vs_sft.py --grid 2 --humaneval-seeds 1 --study-weight 0 \
+        --skip 'train single-code_docstring-seed2' --skip 'train single-code_completion-seed2'   # docs/mft_vs_sft.md: ~2 h
     .venv/bin/python bench/mft_vs_sft.py --quick      # smoke run, ~10 minutes (writes into --work only)
 """
 
@@ -29,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -154,12 +156,6 @@ def eval_command(args: argparse.Namespace, adapter: Path | None, output: Path) -
     if adapter is not None:
         command += ["--adapter", str(adapter), "--skip_problem_check"]  # the base model's eval checks the problems
     return command
-
-
-@dataclass
-class Arm:
-    name: str
-    runs: dict[int, Path] = field(default_factory=dict)  # seed -> training output folder (per task for single)
 
 
 def plan(args: argparse.Namespace, data: Path, work: Path) -> tuple[list[Job], dict]:
