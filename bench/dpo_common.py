@@ -284,3 +284,15 @@ def timed_run(trainer, clock: "StepClock"):
     torch.manual_seed(SEED)
     started = time.perf_counter()
     return trainer.run(), started
+
+
+def publish_report(text: str, work: Path, report: Path | None, keep_work: bool) -> None:
+    """Print the report, keep it in work/report.md (and --report), then remove the work folder unless it was asked for."""
+    import shutil
+
+    print("\n" + text)
+    (work / "report.md").write_text(text + "\n")
+    if report:
+        report.write_text(text + "\n")
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -194,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
               "steps", "", f"- Machine: {common.machine_line()}, torch threads per worker {threads}; shared with other "
               f"people's tests while this ran (see *other load*); {common.code_line()}", "", ""]
     text = "\n".join(header) + report(rounds, args, (time.perf_counter() - started) / 60)
-    print("\n" + text)
-    (work / "report.md").write_text(text + "\n")
-    if args.report:
-        args.report.write_text(text + "\n")
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+    common.publish_report(text, work, args.report, keep_work=args.work is not None)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -384,13 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - started) / 60
     lines += ["", f"- Benchmark wall time: {minutes:.1f} minutes"]
     text = "\n".join(lines)
-    print("\n" + text)
-    (work / "report.md").write_text(text + "\n")
     (work / "raw.json").write_text(json.dumps({"check": checked, "rounds": rounds}, indent=1))
-    if args.report:
-        args.report.write_text(text + "\n")
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+    common.publish_report(text, work, args.report, keep_work=args.work is not None)
     return 0
 
 
