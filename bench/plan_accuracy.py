@@ -39,12 +39,14 @@ COMMON = {"data_paths": [str(p) for p in sorted(DEMO.iterdir()) if p.is_dir()], 
 TINY = {"model_config": "tiny-test", "seq_length": 256, "per_device_train_batch_size": 4}
 SMOL = {"pretrained_model_path": str(SMOLLM2), "chat_template": "model", "seq_length": 512,
         "per_device_train_batch_size": 4}
-ROWS = {  # name -> (model, overrides, processes)
+ROWS = {  # name -> (model, overrides, processes[, threads per process: OMP_NUM_THREADS, else torch's default])
     "tiny full": ("tiny", {}, 1),
     "tiny full, max_forward_tokens 256": ("tiny", {"max_forward_tokens": 256}, 1),
     "tiny LoRA": ("tiny", {"peft_type": "lora"}, 1),
     "tiny LoRA, checkpointing": ("tiny", {"peft_type": "lora", "checkpoint_activations": True}, 1),
     "tiny full, FSDP2 x 2": ("tiny", {"distributed_strategy": "fsdp"}, 2),
+    "tiny LoRA r32, rows of 512 x 2, 1 thread": (
+        "tiny", {"peft_type": "lora", "lora_rank": 32, "seq_length": 512, "per_device_train_batch_size": 2}, 1, 1),
     "SmolLM2 LoRA": ("smollm2", {"peft_type": "lora"}, 1),
     "SmolLM2 LoRA, checkpointing, max_forward_tokens 512": (
         "smollm2", {"peft_type": "lora", "checkpoint_activations": True, "max_forward_tokens": 512}, 1),
@@ -52,6 +54,11 @@ ROWS = {  # name -> (model, overrides, processes)
     "SmolLM2 QLoRA nf4": ("smollm2", {"peft_type": "lora", "quantization": "nf4"}, 1),
     "SmolLM2 full, FSDP2 x 2, checkpointing": (
         "smollm2", {"distributed_strategy": "fsdp", "checkpoint_activations": True}, 2),
+    "SmolLM2 LoRA r16 no dropout, rows of 1024 x 2": (
+        "smollm2", {"peft_type": "lora", "lora_rank": 16, "lora_dropout": 0.0, "seq_length": 1024,
+                    "per_device_train_batch_size": 2}, 1),
+    "SmolLM2 LoRA, 1 thread": ("smollm2", {"peft_type": "lora"}, 1, 1),
+    "SmolLM2 full, max_forward_tokens 512, 1 thread": ("smollm2", {"max_forward_tokens": 512}, 1, 1),
 }
 
 
@@ -141,14 +148,15 @@ def worker(values: dict, timed: int, metered: int, out: Path) -> None:
 
 def run_row(name: str, timed: int, metered: int, folder: Path) -> dict:
     """Run one row; the largest peak over its ranks and metered steps, rank 0's median timed step."""
-    model, overrides, nproc = ROWS[name]
+    model, overrides, nproc, *threads = ROWS[name]
     values = {**COMMON, **(TINY if model == "tiny" else SMOL), **overrides,
               "output_dir": str(folder / "run"), "data_cache_dir": str(folder.parent / "cache")}
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      f"--nproc_per_node={nproc}"]
     command = [*launcher, __file__, "--worker", json.dumps(values), "--steps", str(timed), "--metered-steps",
                str(metered), "--out", str(folder)]
-    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "PYTHONPATH": str(REPO), **({"OMP_NUM_THREADS": str(threads[0])} if threads else {})}
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     ranks = [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(nproc)]
     out = dict(ranks[0])
     out["measured_peak_bytes"] = max(p for r in ranks for p in r["measured_peaks_bytes"])
@@ -182,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", choices=("tiny", "smollm2", "all"), default="tiny")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run, after one warm-up step")
     parser.add_argument("--metered-steps", type=int, default=3, help="steps metered for the peak, after the timed ones")
+    parser.add_argument("--match", default="", help="only the rows whose name contains this text")
     parser.add_argument("--details", action="store_true", help="also each row's time terms, steps and rates")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(json.loads(args.worker), args.steps, args.metered_steps, Path(args.out))
         return 0
-    names = [n for n in ROWS if args.rows in ("all", ROWS[n][0])]
+    names = [n for n in ROWS if args.rows in ("all", ROWS[n][0]) and args.match in n]
     results = {}
     with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as tmp:
         for k, name in enumerate(names):

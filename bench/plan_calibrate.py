@@ -114,13 +114,14 @@ def cmd_gloo() -> None:
 
 
 def cmd_rates() -> None:
-    """The rates plan measures, at the shapes of tiny-test and SmolLM2-135M with passes of 1024 tokens."""
-    from mftcoder.plan.rates import measure_cpu_rates
+    """The rates plan measures, at the shapes of tiny-test and SmolLM2-135M with passes of 1024 tokens (measured
+    now, not read from the rates file)."""
+    from mftcoder.plan.rates import measure_cpu_rates_now
 
     for name, (h, i, heads, hd, vocab, row) in {"tiny-test": (128, 512, 4, 32, 50304, 256),
                                                 "SmolLM2-135M": (576, 1536, 9, 64, 49152, 512)}.items():
         started = time.perf_counter()
-        rates = measure_cpu_rates(1024, h, i, heads, hd, vocab, row, 600)
+        rates = measure_cpu_rates_now(1024, h, i, heads, hd, vocab, row)
         print(f"{name} ({time.perf_counter() - started:.2f} s to measure): {rates.describe()}")
 
 

@@ -11,6 +11,15 @@ from mftcoder.config import build_config
 from mftcoder.model import DEMO_DATA, DEMO_PAIRS, load_tokenizer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """mftcoder's cache (tokenized data by default, measured CPU rates) in a folder of this session, for every test
+    and the processes they start: rates measured while the suite loads the machine must not reach later plans."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MFTCODER_CACHE", str(tmp_path_factory.mktemp("mftcoder-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer_and_template():
     """The shipped GPT-NeoX tokenizer with the default (mftcoder) template."""

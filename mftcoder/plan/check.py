@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import resource
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -14,7 +14,7 @@ from mftcoder.plan.planner import Plan, Target, make_plan
 from mftcoder.plan.shape import PlanError
 
 
-@dataclass
+@dataclasses.dataclass
 class PlanCheck:
     """The plan made for this run (None when plan has no formulas for its model) and whether this rank prints."""
 
@@ -23,8 +23,10 @@ class PlanCheck:
     speak: bool
 
     @staticmethod
-    def start(config: Config, env, total_steps: int, steps_per_epoch: int) -> "PlanCheck":
-        """Plan the run as it is set up (its real step count) and print the predicted peak and time."""
+    def start(config: Config, env, total_steps: int, steps_per_epoch: int, padding_mode: str) -> "PlanCheck":
+        """Plan the run as it is set up (its real step count, the batch shape its start-up check chose) and print the
+        predicted peak and time."""
+        config = dataclasses.replace(config, padding_mode=padding_mode)
         memory = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
         try:
             plan = make_plan(config, Target(env.device.type, env.world_size, memory), steps=total_steps,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mftcoder.config import CPU_FORWARD_TOKENS, Config, resolve_for_world
 from mftcoder.plan.memory import GIB, MemoryPlan, RunSetup, plan_memory, trainable_params
+from mftcoder.plan.rates import rates_file
 from mftcoder.plan.shape import ModelShape, PlanError, lora_layers, read_shape
 from mftcoder.plan.timing import (ASSUMED_FILL, GPU_DEFAULT_MFU, Schedule, cached_stats, cpu_rates_for, cpu_step_terms,
                                   gpu_peak, gpu_step_terms, schedule, step_flops, step_work)
@@ -118,7 +119,9 @@ def make_plan(config: Config, target: Target, shape: ModelShape | None = None, s
     config = resolve_for_world(config, target.nproc)
     shape = shape or read_shape(model_config_json(config))
     probe = run_setup(config, shape, target)
-    sched = schedule(config, cached_stats(config), target.nproc, probe.row_tokens, config.padding_mode,
+    # 'auto' packs when the trainer's start-up check finds packed samples kept apart, as in every family planned here
+    mode = "pack" if config.padding_mode == "auto" else config.padding_mode
+    sched = schedule(config, cached_stats(config), target.nproc, probe.row_tokens, mode,
                      probe.rows_per_pass)
     if steps is not None:
         sched = dataclasses.replace(sched, total_steps=steps, steps_per_epoch=steps_per_epoch or sched.steps_per_epoch)
@@ -130,9 +133,9 @@ def make_plan(config: Config, target: Target, shape: ModelShape | None = None, s
         mfu = target.mfu or GPU_DEFAULT_MFU
         terms, source = gpu_step_terms(shape, run, work, peak, mfu), f"{source} x MFU {mfu:.0%}"
     else:
-        rates = cpu_rates_for(shape, run, work)
+        rates = cpu_rates_for(shape, run)
         terms = cpu_step_terms(shape, run, work, rates, target.mfu or 1.0)
-        source = f"CPU rates measured now at the model's shapes: {rates.describe()}"
+        source = f"CPU rates measured on this CPU at the model's shapes (kept in {rates_file()}): {rates.describe()}"
         if target.mfu:
             source += f"; matmul rates x {target.mfu:g} (--mfu)"
     plan = Plan(shape, run, target, memory, overhead(memory.peak, target), sched, step_flops(shape, run, work),

@@ -5,18 +5,27 @@ process (functools.lru_cache on pure measuring functions of the shapes: the same
 from __future__ import annotations
 
 import functools
+import itertools
+import json
 import os
+import platform
+import statistics
 import time
+from dataclasses import asdict
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
-# gloo's bytes received per second per rank in all-gather / reduce-scatter of 64 MiB between 2 local ranks: not
-# measured when a plan is made (that needs 2 processes). `bench/plan_calibrate.py gloo` measured 0.29 GB/s all-gather
-# and 0.19 GB/s reduce-scatter on the 2-core development machine while another benchmark kept both cores busy (so
-# low); the lead recalibrates on an idle machine.
-GLOO_BYTES_PER_S = 0.25e9
+# gloo's bytes received per second per rank between 2 local ranks, 64 MiB tensors (`bench/plan_calibrate.py gloo`,
+# idle 2-core development machine, median of 3: all-gather 0.47-0.52 GB/s, reduce-scatter 0.30-0.41). Not measured
+# when a plan is made: that needs 2 processes.
+GLOO_GATHER_BYTES_PER_S = 0.51e9
+GLOO_SCATTER_BYTES_PER_S = 0.39e9
 MEASURE_SECONDS = 0.04  # per rate: enough calls of a kernel to average a few, well under the second a plan takes
 MAX_MEASURED_TOKENS = 512  # matmul rates at the model's widths are flat from here up (within 3% at 1024 tokens)
+STREAMED_BYTES = 96 * 2**20  # more than a server CPU's last-level cache (32 MiB here): inputs come from memory
+RATES_VERSION = 3  # part of the rates file's keys: a change to how rates are measured invalidates the kept ones
+HEAD_ELEMENTS = 2**24  # logits of the output layer's measured chunk, and elements of its weight at most
 
 
 @dataclass(frozen=True)
@@ -28,38 +37,46 @@ class CpuRates:
 
     linear_flops: float
     frozen_linear_flops: float
-    head_flops: float
-    frozen_head_flops: float
+    head_logits: float
     attention_flops: float
-    softmax_logits: float
     activation_bandwidth: float
     weight_bandwidth: float
     op_seconds: float
     dequantize_weights: float | None
-    gloo_bytes: float = GLOO_BYTES_PER_S
+    adapter_flops: float | None = None
+    gloo_gather_bytes: float = GLOO_GATHER_BYTES_PER_S
+    gloo_scatter_bytes: float = GLOO_SCATTER_BYTES_PER_S
     threads: int = 1
 
     def describe(self) -> str:
         """The rates in one line, in GFLOP/s, G logits/s, GB/s and microseconds."""
         g = 1e9
         text = (f"{self.threads} thread(s); linears {self.linear_flops / g:.0f} GFLOP/s (frozen "
-                f"{self.frozen_linear_flops / g:.0f}), output layer {self.head_flops / g:.0f} ({self.frozen_head_flops / g:.0f}), "
-                f"attention {self.attention_flops / g:.0f}; softmax {self.softmax_logits / g:.2f} G logits/s; "
+                f"{self.frozen_linear_flops / g:.0f}), attention {self.attention_flops / g:.0f}; output layer and loss "
+                f"{self.head_logits / g:.3f} G logits/s; "
                 f"bandwidth {self.activation_bandwidth / g:.1f} GB/s (activations), {self.weight_bandwidth / g:.1f} "
                 f"(weights); {self.op_seconds * 1e6:.1f} us per operator")
         if self.dequantize_weights:
             text += f"; nf4 dequantization {self.dequantize_weights / g:.2f} G weights/s"
-        return text + f"; gloo {self.gloo_bytes / g:.1f} GB/s (constant)"
+        if self.adapter_flops:
+            text += f"; LoRA adapters {self.adapter_flops / g:.1f} GFLOP/s"
+        return text + (f"; gloo {self.gloo_gather_bytes / g:.2f} GB/s all-gather, {self.gloo_scatter_bytes / g:.2f} "
+                       "reduce-scatter (constants)")
 
 
-def seconds_per_call(call: Callable[[], object], seconds: float = MEASURE_SECONDS, least: int = 2) -> float:
-    """Wall seconds per call of `call`: one warm-up call, then calls until `seconds` passed (at least `least`)."""
+def seconds_per_call(call: Callable[[], object], seconds: float = MEASURE_SECONDS, least: int = 2,
+                     rounds: int = 3) -> float:
+    """Wall seconds per call of `call`: one warm-up call, then `rounds` rounds of calls until `seconds` passed (at
+    least `least` calls); the median round (a round hit by another process's burst does not move it)."""
     call()
-    started, count = time.perf_counter(), 0
-    while count < least or time.perf_counter() - started < seconds:
-        call()
-        count += 1
-    return (time.perf_counter() - started) / count
+    per_round = []
+    for _ in range(rounds):
+        started, count = time.perf_counter(), 0
+        while count < least or time.perf_counter() - started < seconds:
+            call()
+            count += 1
+        per_round.append((time.perf_counter() - started) / count)
+    return statistics.median(per_round)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,6 +98,34 @@ def linear_rate(tokens: int, fan_in: int, fan_out: int, weight_grad: bool) -> fl
 
 
 @functools.lru_cache(maxsize=None)
+def adapter_rate(tokens: int, fan_in: int, fan_out: int, rank: int, dropout: bool) -> float:
+    """Matmul FLOP/s of a LoRA adapter run as peft runs it, forward and backward: result + B(A(dropout(x))) x scaling,
+    with the input and both factors trained. Low-rank matmuls read a whole activation for a few outputs and the
+    dropout mask is drawn by one thread (CPU's generator does not parallelise), so this runs far below a linear's rate
+    (rank 8 at SmolLM2's widths: ~35 GFLOP/s of matmuls without dropout, ~10 with it, where the linear runs at ~180)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(tokens, fan_in, requires_grad=True)
+    a = torch.randn(rank, fan_in, requires_grad=True)
+    b = torch.randn(fan_out, rank, requires_grad=True)
+    base = torch.randn(tokens, fan_out, requires_grad=True)
+    grad = torch.randn(tokens, fan_out)
+
+    def step() -> None:
+        x.grad = a.grad = b.grad = base.grad = None
+        dropped = F.dropout(x, 0.05, training=True) if dropout else x
+        (base + F.linear(F.linear(dropped, a), b) * 2.0).backward(grad)
+
+    return 3 * 2.0 * tokens * rank * (fan_in + fan_out) / seconds_per_call(step)
+
+
+def combined_rate(work_and_rates: list[tuple[float, float]]) -> float:
+    """One rate for work split over kernels of different rates: total work / total time."""
+    return sum(w for w, _ in work_and_rates) / sum(w / r for w, r in work_and_rates)
+
+
+@functools.lru_cache(maxsize=None)
 def attention_rate(row_tokens: int, heads: int, head_dim: int) -> float:
     """FLOP/s of SDPA's forward and backward on one row with a boolean mask, counted as 3 x the forward's 4 n^2 d per
     head: with a mask (the block-diagonal one of packed rows) CPU SDPA computes every row x row score, skipping
@@ -99,33 +144,52 @@ def attention_rate(row_tokens: int, heads: int, head_dim: int) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def softmax_rate(chunk: int, vocab: int) -> float:
-    """Logits per second through the fused output layer's elementwise steps on a float32 chunk (loss.py: logsumexp,
-    subtract it and exponentiate in place, subtract one at the targets, scale by the tokens' coefficients)."""
+def head_rate(hidden: int, vocab: int, weight_grad: bool) -> float:
+    """Logits per second through mftcoder's fused output layer and loss (mftcoder/loss.py), forward and backward, on
+    one chunk: the logits matmul, logsumexp, the softmax in place, the hidden states' gradient and (full fine-tuning)
+    the weight's. The chunk holds at least 2^24 logits, so that, like a real chunk of up to 1024 tokens x the
+    vocabulary, its float32 logits are newly mapped memory (page faults on first touch: above glibc's 32 MiB mmap
+    threshold) rather than reused heap; the vocabulary is cut to 2^24 / hidden rows of weight (the rate per logit
+    is flat in both)."""
     import torch
 
-    logits = torch.randn(chunk, vocab)
-    coefficients = torch.rand(chunk, 1)
-    targets = torch.randint(0, vocab, (chunk,))
-    rows = torch.arange(chunk)
+    from mftcoder.loss import FusedLinearCrossEntropy
+
+    rows = min(vocab, max(1024, HEAD_ELEMENTS // hidden))
+    tokens = min(1024, max(64, -(-HEAD_ELEMENTS // rows)))
+    states = torch.randn(tokens, hidden, requires_grad=True)
+    weight = (torch.randn(rows, hidden) / hidden ** 0.5).requires_grad_(weight_grad)  # real logits' scale: no denormals
+    targets = torch.randint(0, rows, (tokens,))
+    coefficients = torch.full((tokens,), 1.0 / tokens)
 
     def step() -> None:
-        norm = torch.logsumexp(logits, dim=1)
-        logits.sub_(norm[:, None]).exp_()
-        logits[rows, targets] -= 1.0
-        logits.mul_(coefficients)  # the result lies in [-1, 1]: repeated calls stay finite
+        states.grad = weight.grad = None
+        FusedLinearCrossEntropy.apply(states, weight, None, targets, coefficients, tokens)[0].backward()
 
-    return chunk * vocab / seconds_per_call(step)
+    return tokens * rows / seconds_per_call(step, least=1)
 
 
 @functools.lru_cache(maxsize=None)
 def bandwidth(elements: int) -> float:
     """Bytes per second read and written by a float32 elementwise kernel (c = a x b: 3 x 4 bytes an element) on
-    tensors of `elements`: activation-sized ones may sit in cache, weight-sized ones stream from memory."""
+    weight-sized tensors updated in place, as the optimizer does (they stream from memory)."""
     import torch
 
     a, b, c = torch.randn(elements), torch.randn(elements), torch.empty(elements)
     return 12.0 * elements / seconds_per_call(lambda: torch.mul(a, b, out=c))
+
+
+@functools.lru_cache(maxsize=None)
+def activation_bandwidth(elements: int) -> float:
+    """Bytes per second of a float32 elementwise kernel (c = a x b) as a training pass runs it: inputs written long
+    before (rotated through more memory than the last-level cache holds), the result newly allocated. Timed on
+    cache-resident tensors instead, the rate came out 3-4x higher than the kernels' rate inside a step."""
+    import torch
+
+    copies = max(2, STREAMED_BYTES // (8 * elements))
+    inputs = [(torch.full((elements,), 1.5), torch.full((elements,), 0.5)) for _ in range(copies)]
+    turn = itertools.count()
+    return 12.0 * elements / seconds_per_call(lambda: torch.mul(*inputs[next(turn) % copies]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,11 +225,67 @@ def rank_threads(nproc: int) -> int:
     return int(os.environ.get("OMP_NUM_THREADS", "1"))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def rates_file() -> Path:
+    """Where measured rates are kept between runs: the mftcoder cache ($MFTCODER_CACHE or ~/.cache/mftcoder)."""
+    from mftcoder.data.tokenize import default_cache_root
+
+    return default_cache_root() / "cpu_rates.json"
+
+
 @functools.lru_cache(maxsize=None)
 def measure_cpu_rates(pass_tokens: int, hidden: int, intermediate: int, heads: int, head_dim: int, vocab: int,
-                      row_tokens: int, chunk: int, nf4: bool = False, threads: int | None = None) -> CpuRates:
-    """All the rates at a model's shapes (a pass of pass_tokens, rows of row_tokens, output-layer chunks of chunk
-    supervised tokens), measured with `threads` threads; a few tenths of a second, once per process and shape."""
+                      row_tokens: int, nf4: bool = False, threads: int | None = None,
+                      dropout: bool = False, adapters: tuple[tuple[int, int], ...] = (),
+                      lora_rank: int = 0, frozen_head: bool = False) -> CpuRates:
+    """measure_cpu_rates_now's rates, kept on disk per CPU model, torch version, threads and shapes: a machine
+    measures a shape once (1-2 s), later runs and plans read them. Delete the file to measure again (rates measured
+    while the machine was busy would stay too slow)."""
+    import torch
+
+    pass_tokens, row_tokens = max(16, min(pass_tokens, MAX_MEASURED_TOKENS)), min(row_tokens, MAX_MEASURED_TOKENS)
+    shapes = (pass_tokens, hidden, intermediate, heads, head_dim, vocab, row_tokens, nf4)  # as measured
+    lora = (dropout, adapters, lora_rank, frozen_head)
+    threads = threads or torch.get_num_threads()
+    key = json.dumps([RATES_VERSION, cpu_name(), torch.__version__, threads, shapes, lora])
+    path = rates_file()
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    if key in kept:
+        try:
+            return CpuRates(**kept[key])
+        except TypeError:  # written by another version of CpuRates
+            pass
+    rates = measure_cpu_rates_now(*shapes, threads, *lora)
+    kept[key] = {k: v for k, v in asdict(rates).items() if not k.startswith("gloo")}  # gloo's are constants
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(kept, indent=0))
+        temporary.replace(path)
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return rates
+
+
+def measure_cpu_rates_now(pass_tokens: int, hidden: int, intermediate: int, heads: int, head_dim: int, vocab: int,
+                      row_tokens: int, nf4: bool = False, threads: int | None = None,
+                      dropout: bool = False, adapters: tuple[tuple[int, int], ...] = (),
+                      lora_rank: int = 0, frozen_head: bool = False) -> CpuRates:
+    """All the rates at a model's shapes (a pass of pass_tokens, rows of row_tokens; matmuls and attention at 512
+    tokens at most, where their rates have flattened), measured now with `threads` threads (1-2 s)."""
     import torch
 
     before = torch.get_num_threads()
@@ -173,15 +293,16 @@ def measure_cpu_rates(pass_tokens: int, hidden: int, intermediate: int, heads: i
     torch.set_num_threads(threads)
     try:
         m = max(16, min(pass_tokens, MAX_MEASURED_TOKENS))
-        c = max(16, min(chunk, 256))
-        v = min(vocab, 8192)
         return CpuRates(
             linear_flops=linear_rate(m, hidden, intermediate, True),
             frozen_linear_flops=linear_rate(m, hidden, intermediate, False),
-            head_flops=linear_rate(c, hidden, v, True), frozen_head_flops=linear_rate(c, hidden, v, False),
-            attention_flops=attention_rate(min(row_tokens, 512), heads, head_dim),
-            softmax_logits=softmax_rate(c, v), activation_bandwidth=bandwidth(m * max(hidden, intermediate)),
+            head_logits=head_rate(hidden, vocab, not frozen_head),
+            attention_flops=attention_rate(min(row_tokens, MAX_MEASURED_TOKENS), heads, head_dim),
+            activation_bandwidth=activation_bandwidth(m * max(hidden, intermediate)),
             weight_bandwidth=bandwidth(2 ** 23), op_seconds=op_seconds(),
-            dequantize_weights=dequantize_rate(intermediate, hidden) if nf4 else None, threads=threads)
+            dequantize_weights=dequantize_rate(intermediate, hidden) if nf4 else None,
+            threads=threads,
+            adapter_flops=combined_rate([(fan_in + fan_out, adapter_rate(m, fan_in, fan_out, lora_rank, dropout))
+                                         for fan_in, fan_out in adapters]) if adapters else None)
     finally:
         torch.set_num_threads(before)

@@ -130,7 +130,8 @@ def schedule(config: Config, stats: DataStats, nproc: int, row_capacity: int, mo
     total = steps * config.num_train_epochs
     if config.max_steps > 0:
         total = min(total, config.max_steps)
-    supervised = float(np.minimum(stats.supervised, config.seq_length).sum() / max(1, stats.lengths.sum()))
+    # over the epoch's records as cut to seq_length (the supervised tokens of a cut record: at most its length)
+    supervised = float(np.minimum(stats.supervised, lengths)[order].sum() / max(1, lengths[order].sum()))
     passes = total * nproc * config.gradient_accumulation_steps * -(-config.per_device_train_batch_size // pass_rows)
     row_supervised = [int(np.minimum(stats.supervised, lengths)[row[:, 1]].sum()) for row in rows]
     fullest = fullest_pass(row_supervised, pass_rows, passes)
@@ -157,12 +158,6 @@ OPS_PER_LAYER = {"gated": (229, 186), "neox": (149, 113)}  # aten operators, for
 ADAMW_ACCESSES = 20  # per-tensor AdamW reads + writes per element (decay, lerp, mul+addcmul, sqrt, div, add, addcdiv)
 CLIP_ACCESSES = 3  # gradient clipping: the norm reads each gradient, the scaling reads and writes it
 STEP_OVERHEAD_S = 0.02  # assumed: the step's Python (batch collation, loss bookkeeping, logging); not yet measured
-# A training step's kernels ran this much slower than the same kernels timed alone (caches shared with the rest of
-# the step, threads waking per operator, cold weights): bench/plan_accuracy.py --rows smollm2 on the idle 2-core
-# machine, 2 threads, measured / kernel sum = LoRA 1.49, full 1.35, QLoRA nf4 1.62, checkpointing with passes of 512
-# tokens 1.77 (2026-12-04). Fitted on those rows, not yet checked on others. Ranks of one thread (2 FSDP2 ranks on the
-# same machine) fit without it (SmolLM2 0.99, tiny 1.22), so it applies to ranks of several threads only.
-CPU_IN_SITU_SLOWDOWN = 1.55
 
 
 @dataclass(frozen=True)
@@ -253,53 +248,50 @@ def optimizer_bytes_moved(shape: ModelShape, run: RunSetup) -> float:
     return trainable_bytes(shape, run) / shards * (ADAMW_ACCESSES + CLIP_ACCESSES)
 
 
-def communication_bytes(shape: ModelShape, run: RunSetup, work: StepWork) -> float:
-    """Bytes a rank receives per step. FSDP2: each pass all-gathers the weights for forward and again for backward
-    ((n-1)/n of them), and reduce-scatters the float32 gradients every pass (fsdp_gradient_sync every_pass) or once;
-    DDP: all-reduces the gradients once a step (2 (n-1)/n of them)."""
+def communication_bytes(shape: ModelShape, run: RunSetup, work: StepWork) -> tuple[float, float]:
+    """Bytes a rank receives per step, (all-gathered, reduce-scattered). FSDP2: each pass all-gathers the weights for
+    forward and again for backward ((n-1)/n of them), and reduce-scatters the float32 gradients every pass
+    (fsdp_gradient_sync every_pass) or once; DDP: all-reduces the gradients once a step (a reduce-scatter and an
+    all-gather, (n-1)/n of them each)."""
     n = run.nproc
     if n == 1 or run.engine == "single":
-        return 0.0
+        return 0.0, 0.0
     share = (n - 1) / n
     grads = trainable_bytes(shape, run)
     if run.engine == "ddp":
-        return 2 * share * grads
-    gathers = 2 * work.passes * shape.params * run.weight_bytes
+        return share * grads, share * grads
     syncs = work.passes if run.fsdp_every_pass else 1
-    return share * (gathers + syncs * grads)
+    return share * 2 * work.passes * shape.params * run.weight_bytes, share * syncs * grads
 
 
 def cpu_step_terms(shape: ModelShape, run: RunSetup, work: StepWork, rates: CpuRates,
                    efficiency: float = 1.0) -> dict[str, float]:
     """The CPU step time as seconds per term (each key ends in _s); `efficiency` scales the matmul rates (--mfu)."""
     flops = lambda frozen: (rates.frozen_linear_flops if frozen else rates.linear_flops) * efficiency  # noqa: E731
-    head_rate = (rates.frozen_head_flops if run.lora else rates.head_flops) * efficiency
     linear = linear_flops(shape, work.tokens)
     terms = {
         "linears_s": linear * forward_passes(run) / flops(run.lora),
-        "lora_adapters_s": adapter_flops(shape, run, work.tokens) / flops(False),
+        "lora_adapters_s": adapter_flops(shape, run, work.tokens) / ((rates.adapter_flops or rates.linear_flops) * efficiency),
         "attention_s": attention_flops(shape, run, work.rows) / (rates.attention_flops * efficiency),
-        "output_layer_matmul_s": head_flops(shape, run, work.supervised) / head_rate,
-        "output_layer_softmax_s": work.supervised * shape.vocab / rates.softmax_logits,
+        "output_layer_s": work.supervised * shape.vocab / (rates.head_logits * efficiency),
         "elementwise_s": elementwise_bytes(shape, run, work) / rates.activation_bandwidth,
         "operator_dispatch_s": dispatch_ops(shape, run, work) * rates.op_seconds,
         "dequantization_s": dequantized_weights(shape, run, work) / rates.dequantize_weights
         if run.quantization and rates.dequantize_weights else 0.0,
         "optimizer_s": optimizer_bytes_moved(shape, run) / rates.weight_bandwidth,
     }
-    slowdown = CPU_IN_SITU_SLOWDOWN if rates.threads > 1 else 1.0
-    terms = {key: value * slowdown for key, value in terms.items()}
-    terms["communication_s"] = communication_bytes(shape, run, work) / rates.gloo_bytes
+    gathered, scattered = communication_bytes(shape, run, work)
+    terms["communication_s"] = gathered / rates.gloo_gather_bytes + scattered / rates.gloo_scatter_bytes
     terms["step_overhead_s"] = STEP_OVERHEAD_S
     return terms
 
 
-def cpu_rates_for(shape: ModelShape, run: RunSetup, work: StepWork) -> CpuRates:
-    """The rates measured at this model's shapes (the output layer's at a pass's average supervised tokens, which
-    is the inner size of its weight gradient's matmul) with the threads one of the run's ranks has (cached)."""
-    chunk = min(run.chunk_tokens, max(16, work.supervised // max(1, work.passes)))
+def cpu_rates_for(shape: ModelShape, run: RunSetup) -> CpuRates:
+    """The rates measured at this model's shapes with the threads one of the run's ranks has (kept on disk)."""
+    adapters = tuple((l.fan_in, l.fan_out) for l in run.lora_targets) if run.lora else ()
     return measure_cpu_rates(run.pass_tokens, shape.hidden, shape.intermediate, shape.heads, shape.head_dim,
-                             shape.vocab, run.row_tokens, chunk, run.quantization == "nf4", rank_threads(run.nproc))
+                             shape.vocab, run.row_tokens, run.quantization == "nf4", rank_threads(run.nproc),
+                             run.lora and run.lora_dropout, adapters, run.lora_rank, frozen_head=run.lora)
 
 
 def gpu_step_terms(shape: ModelShape, run: RunSetup, work: StepWork, peak_flops: float, mfu: float) -> dict[str, float]:

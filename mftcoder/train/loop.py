@@ -98,7 +98,7 @@ class Trainer:
         self._build_model(config, env)
         self._build_batches(config, env)
         self._build_schedule(config)
-        self.plan_check = PlanCheck.start(config, env, self.total_steps, self.steps_per_epoch)
+        self.plan_check = PlanCheck.start(config, env, self.total_steps, self.steps_per_epoch, self.padding_mode)
         self.state = ckpt.TrainerState()
         tb_dir = Path(config.tensorboard_dir) if config.tensorboard_dir else self.output_dir / "runs"
         resumed = ckpt.read_state(self.resume_from) if self.resume_from else None
