@@ -58,6 +58,7 @@ ROWS = {  # name -> (model, overrides, processes[, threads per process: OMP_NUM_
         "smollm2", {"peft_type": "lora", "lora_rank": 16, "lora_dropout": 0.0, "seq_length": 1024,
                     "per_device_train_batch_size": 2}, 1),
     "SmolLM2 LoRA, 1 thread": ("smollm2", {"peft_type": "lora"}, 1, 1),
+    "SmolLM2 LoRA, no dropout": ("smollm2", {"peft_type": "lora", "lora_dropout": 0.0}, 1),
     "SmolLM2 full, max_forward_tokens 512, 1 thread": ("smollm2", {"max_forward_tokens": 512}, 1, 1),
 }
 

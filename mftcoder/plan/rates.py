@@ -24,7 +24,7 @@ GLOO_SCATTER_BYTES_PER_S = 0.39e9
 MEASURE_SECONDS = 0.04  # per rate: enough calls of a kernel to average a few, well under the second a plan takes
 MAX_MEASURED_TOKENS = 512  # matmul rates at the model's widths are flat from here up (within 3% at 1024 tokens)
 STREAMED_BYTES = 96 * 2**20  # more than a server CPU's last-level cache (32 MiB here): inputs come from memory
-RATES_VERSION = 3  # part of the rates file's keys: a change to how rates are measured invalidates the kept ones
+RATES_VERSION = 4  # part of the rates file's keys: a change to how rates are measured invalidates the kept ones
 HEAD_ELEMENTS = 2**24  # logits of the output layer's measured chunk, and elements of its weight at most
 
 
@@ -65,7 +65,7 @@ class CpuRates:
 
 
 def seconds_per_call(call: Callable[[], object], seconds: float = MEASURE_SECONDS, least: int = 2,
-                     rounds: int = 3) -> float:
+                     rounds: int = 5) -> float:
     """Wall seconds per call of `call`: one warm-up call, then `rounds` rounds of calls until `seconds` passed (at
     least `least` calls); the median round (a round hit by another process's burst does not move it)."""
     call()
