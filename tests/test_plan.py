@@ -331,15 +331,19 @@ def test_cuda_time_is_flops_over_peak_and_mfu():
 
 def test_cpu_rates_are_measured_once_per_machine_and_shape(tmp_path, monkeypatch):
     monkeypatch.setenv("MFTCODER_CACHE", str(tmp_path))
+    lora = dict(dropout=True, adapters=((32, 64),), lora_rank=4)  # the adapter's rate draws dropout masks
+    torch.manual_seed(0)
+    stream = torch.get_rng_state()
     started = time.perf_counter()
-    first = measure_cpu_rates(64, 32, 64, 2, 16, 256, 32, threads=1)
+    first = measure_cpu_rates(64, 32, 64, 2, 16, 256, 32, threads=1, **lora)
     took = time.perf_counter() - started
+    assert torch.equal(torch.get_rng_state(), stream)  # a training run's random stream is the same, measured or not
     started = time.perf_counter()
-    assert measure_cpu_rates(64, 32, 64, 2, 16, 256, 32, threads=1) is first  # this process: no second look
+    assert measure_cpu_rates(64, 32, 64, 2, 16, 256, 32, threads=1, **lora) is first  # this process: no second look
     measure_cpu_rates.cache_clear()  # as a later run would: the rates come from the file, not measured again
-    assert measure_cpu_rates(64, 32, 64, 2, 16, 256, 32, threads=1) == first
+    assert measure_cpu_rates(64, 32, 64, 2, 16, 256, 32, threads=1, **lora) == first
     assert time.perf_counter() - started < 0.05 < took
     kept = json.loads((tmp_path / "cpu_rates.json").read_text())
     assert len(kept) == 1 and first.linear_flops > 0 and first.head_logits > 0 and first.op_seconds < 1e-3
-    measure_cpu_rates(64, 32, 64, 2, 16, 256, 32, threads=2)  # other threads: measured and kept apart
+    measure_cpu_rates(64, 32, 64, 2, 16, 256, 32, threads=2, **lora)  # other threads: measured and kept apart
     assert len(json.loads((tmp_path / "cpu_rates.json").read_text())) == 2

@@ -236,6 +236,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def measured_tokens(tokens: int) -> int:
+    """The token count a rate is measured at: the next power of two from 64, at most MAX_MEASURED_TOKENS (rates are
+    flat from there up), so that runs of nearby shapes share one measurement."""
+    return min(MAX_MEASURED_TOKENS, 1 << max(6, (max(1, tokens) - 1).bit_length()))
+
+
 def rates_file() -> Path:
     """Where measured rates are kept between runs: the mftcoder cache ($MFTCODER_CACHE or ~/.cache/mftcoder)."""
     from mftcoder.data.tokenize import default_cache_root
@@ -253,7 +259,7 @@ def measure_cpu_rates(pass_tokens: int, hidden: int, intermediate: int, heads: i
     while the machine was busy would stay too slow)."""
     import torch
 
-    pass_tokens, row_tokens = max(16, min(pass_tokens, MAX_MEASURED_TOKENS)), min(row_tokens, MAX_MEASURED_TOKENS)
+    pass_tokens, row_tokens = measured_tokens(pass_tokens), measured_tokens(row_tokens)
     shapes = (pass_tokens, hidden, intermediate, heads, head_dim, vocab, row_tokens, nf4)  # as measured
     lora = (dropout, adapters, lora_rank, frozen_head)
     threads = threads or torch.get_num_threads()
@@ -268,7 +274,8 @@ def measure_cpu_rates(pass_tokens: int, hidden: int, intermediate: int, heads: i
             return CpuRates(**kept[key])
         except TypeError:  # written by another version of CpuRates
             pass
-    rates = measure_cpu_rates_now(*shapes, threads, *lora)
+    with torch.random.fork_rng(devices=[]):  # measuring draws random tensors and masks: not from the run's stream
+        rates = measure_cpu_rates_now(*shapes, threads, *lora)
     kept[key] = {k: v for k, v in asdict(rates).items() if not k.startswith("gloo")}  # gloo's are constants
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,12 +299,12 @@ def measure_cpu_rates_now(pass_tokens: int, hidden: int, intermediate: int, head
     threads = threads or before
     torch.set_num_threads(threads)
     try:
-        m = max(16, min(pass_tokens, MAX_MEASURED_TOKENS))
+        m = measured_tokens(pass_tokens)
         return CpuRates(
             linear_flops=linear_rate(m, hidden, intermediate, True),
             frozen_linear_flops=linear_rate(m, hidden, intermediate, False),
             head_logits=head_rate(hidden, vocab, not frozen_head),
-            attention_flops=attention_rate(min(row_tokens, MAX_MEASURED_TOKENS), heads, head_dim),
+            attention_flops=attention_rate(measured_tokens(row_tokens), heads, head_dim),
             activation_bandwidth=activation_bandwidth(m * max(hidden, intermediate)),
             weight_bandwidth=bandwidth(2 ** 23), op_seconds=op_seconds(),
             dequantize_weights=dequantize_rate(intermediate, hidden) if nf4 else None,
