@@ -1,6 +1,7 @@
 """What this CPU does per second at a model's own shapes: the rates the CPU step-time terms divide by. Each is
-measured in a few tens of milliseconds when a plan is made, with the thread count a rank trains with, and cached per
-process (functools.lru_cache on pure measuring functions of the shapes: the same shapes are measured once)."""
+measured as the step runs it (cold inputs, fresh results, peft's adapter path, mftcoder's fused head) with the thread
+count a rank trains with, once per machine and shape: kept in cpu_rates.json in mftcoder's cache, and per process
+(functools.lru_cache)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Callable
 
 # gloo's bytes received per second per rank between 2 local ranks, 64 MiB tensors (`bench/plan_calibrate.py gloo`,
@@ -21,7 +21,7 @@ from typing import Callable
 # when a plan is made: that needs 2 processes.
 GLOO_GATHER_BYTES_PER_S = 0.51e9
 GLOO_SCATTER_BYTES_PER_S = 0.39e9
-MEASURE_SECONDS = 0.04  # per rate: enough calls of a kernel to average a few, well under the second a plan takes
+MEASURE_SECONDS = 0.04  # per round of a rate: a few calls of a kernel; five rounds, the median kept
 MAX_MEASURED_TOKENS = 512  # matmul rates at the model's widths are flat from here up (within 3% at 1024 tokens)
 STREAMED_BYTES = 96 * 2**20  # more than a server CPU's last-level cache (32 MiB here): inputs come from memory
 RATES_VERSION = 4  # part of the rates file's keys: a change to how rates are measured invalidates the kept ones
@@ -255,7 +255,7 @@ def measure_cpu_rates(pass_tokens: int, hidden: int, intermediate: int, heads: i
                       dropout: bool = False, adapters: tuple[tuple[int, int], ...] = (),
                       lora_rank: int = 0, frozen_head: bool = False) -> CpuRates:
     """measure_cpu_rates_now's rates, kept on disk per CPU model, torch version, threads and shapes: a machine
-    measures a shape once (1-2 s), later runs and plans read them. Delete the file to measure again (rates measured
+    measures a shape once (1-3 s), later runs and plans read them. Delete the file to measure again (rates measured
     while the machine was busy would stay too slow)."""
     import torch
 
@@ -288,11 +288,11 @@ def measure_cpu_rates(pass_tokens: int, hidden: int, intermediate: int, heads: i
 
 
 def measure_cpu_rates_now(pass_tokens: int, hidden: int, intermediate: int, heads: int, head_dim: int, vocab: int,
-                      row_tokens: int, nf4: bool = False, threads: int | None = None,
-                      dropout: bool = False, adapters: tuple[tuple[int, int], ...] = (),
-                      lora_rank: int = 0, frozen_head: bool = False) -> CpuRates:
-    """All the rates at a model's shapes (a pass of pass_tokens, rows of row_tokens; matmuls and attention at 512
-    tokens at most, where their rates have flattened), measured now with `threads` threads (1-2 s)."""
+                          row_tokens: int, nf4: bool = False, threads: int | None = None,
+                          dropout: bool = False, adapters: tuple[tuple[int, int], ...] = (),
+                          lora_rank: int = 0, frozen_head: bool = False) -> CpuRates:
+    """All the rates at a model's shapes (a pass of pass_tokens, rows of row_tokens, both as measured_tokens rounds
+    them), measured now with `threads` threads (1-3 s)."""
     import torch
 
     before = torch.get_num_threads()

@@ -266,12 +266,14 @@ def communication_bytes(shape: ModelShape, run: RunSetup, work: StepWork) -> tup
 
 def cpu_step_terms(shape: ModelShape, run: RunSetup, work: StepWork, rates: CpuRates,
                    efficiency: float = 1.0) -> dict[str, float]:
-    """The CPU step time as seconds per term (each key ends in _s); `efficiency` scales the matmul rates (--mfu)."""
+    """The CPU step time as seconds per term (each key ends in _s); `efficiency` scales the matmul-bound rates
+    (linears, adapters, attention, output layer: --mfu)."""
     flops = lambda frozen: (rates.frozen_linear_flops if frozen else rates.linear_flops) * efficiency  # noqa: E731
     linear = linear_flops(shape, work.tokens)
     terms = {
         "linears_s": linear * forward_passes(run) / flops(run.lora),
-        "lora_adapters_s": adapter_flops(shape, run, work.tokens) / ((rates.adapter_flops or rates.linear_flops) * efficiency),
+        "lora_adapters_s": adapter_flops(shape, run, work.tokens)
+        / ((rates.adapter_flops or rates.linear_flops) * efficiency),
         "attention_s": attention_flops(shape, run, work.rows) / (rates.attention_flops * efficiency),
         "output_layer_s": work.supervised * shape.vocab / (rates.head_logits * efficiency),
         "elementwise_s": elementwise_bytes(shape, run, work) / rates.activation_bandwidth,
